@@ -1,0 +1,28 @@
+# Two commands on a fresh machine:
+#   make demo   create .venv, install, generate the synthetic twin, train A->B->C->D,
+#               evaluate every test glacier and print the summary table
+#   make test   run the test suite in the same environment
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO_DIR ?= data/demo
+OUT_DIR ?= outputs/demo
+
+.PHONY: demo test install clean-demo
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m core.demo --data_folder $(DEMO_DIR) --out_dir $(OUT_DIR)
+
+test: install
+	$(PY) -m pytest -q
+
+clean-demo:
+	rm -rf $(DEMO_DIR) $(OUT_DIR)

@@ -1,0 +1,41 @@
+"""Project-wide constants of GlaUnTI (MODEL.md, FORMAT.md).
+
+Physical and dataset constants live here so that every module uses one value for one thing.
+``data_folder`` is the last fallback of the data-folder resolution order
+(``--data_folder`` > ``GLAUNTI_DATA_FOLDER`` > this value).
+"""
+
+# Where the dataset lives when neither --data_folder nor GLAUNTI_DATA_FOLDER is given.
+# `make demo` writes the synthetic twin here.
+data_folder = "data/demo"
+
+# Where preprocessed tensors are cached (relative paths are relative to the data folder).
+cache_folder = ".glaunti_cache"
+
+initialisation_period_start_year = 1990
+study_period_start_year = 1995
+
+test_fold = 0
+val_fold = 1
+
+# Lapse rate used to downscale reanalysis temperature to the DEM (degC per m).
+lapse_rate = -0.0060
+
+# Date weight of stakes: exp(-(delta/tau)^2) per end (days).
+stake_date_tau = 6.355375070295649
+
+# Normalisation divisors of the corrector / GRU inputs (dataset-wide constants).
+elevation_norm = 4341.383118842848
+elevation_std_norm = 5699.1201273232155
+t_monthly_norm = 45.744850158691406
+p_monthly_norm = 0.16851751506328583
+
+facies_bands = (
+    "ice", "snow", "debris", "firn", "shadow", "superimposed-ice", "cloud", "water", "confidence",
+)
+facies_placeholder = -1.0
+
+# Smallest grid side the corrector accepts (three 2x2 poolings), MODEL.md §9.9.
+min_grid_side = 8
+
+balance_codes = ("annual", "winter", "summer")

@@ -1,0 +1,78 @@
+"""Command-line plumbing shared by the top-level scripts: argument parsers, the data folder,
+and turning expected errors into one clear line on stderr (no traceback unless
+``GLAUNTI_DEBUG=1``)."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from pathlib import Path
+
+DEBUG_ENV = "GLAUNTI_DEBUG"
+
+
+def add_data_folder(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data_folder", default=None,
+        help="Dataset folder (default: $GLAUNTI_DATA_FOLDER, then constants.data_folder)",
+    )
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    from core.io import OutputError
+    from core.summarise import SummaryError
+    from core.training import TrainingError
+    from dataloader.errors import DataError
+    from glaunti.params import ParamsError
+
+    return (DataError, ParamsError, TrainingError, OutputError, SummaryError, FileNotFoundError,
+            PermissionError, ValueError)
+
+
+def main_wrapper(main):
+    """Run ``main()``; expected errors become ``error: <message>`` and exit code 2."""
+
+    @functools.wraps(main)
+    def wrapped(argv=None):
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        except expected_errors() as err:
+            if os.environ.get(DEBUG_ENV):
+                raise
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+
+    return wrapped
+
+
+def train_parser(model: str) -> argparse.ArgumentParser:
+    from core.models import DESCRIPTIONS, STARTS_FROM
+
+    epochs = 100 if model == "b" else 50
+    parser = argparse.ArgumentParser(
+        description=f"Calibrate model {model.upper()} ({DESCRIPTIONS[model]}) on the training folds; "
+        f"keeps the best validation epoch.",
+    )
+    add_data_folder(parser)
+    parser.add_argument("--epochs", type=int, default=epochs, help=f"Number of epochs (default {epochs})")
+    parser.add_argument("--learning_rate", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    parser.add_argument("--params_path", default=f"params/{model}.eqx", help="Output params path (.eqx)")
+    parser.add_argument("--log_path", default=f"logs/{model}.csv", help="Output log path (.csv)")
+    parser.add_argument("--seed", type=int, default=0, help="Random seed of the initialisation")
+    parser.add_argument("--resume", action="store_true",
+                        help="Continue an interrupted run from its last completed epoch")
+    if model in STARTS_FROM:
+        base = STARTS_FROM[model]
+        parser.add_argument("--init_params_path", default=f"params/{base}.eqx",
+                            help=f"Calibrated model {base.upper()} to start from (.eqx)")
+    parser.add_argument("--quiet", action="store_true", help="No progress bar")
+    return parser
+
+
+def resolve_paths(*paths) -> list[Path]:
+    return [Path(p) for p in paths]

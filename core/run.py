@@ -1,0 +1,89 @@
+"""The workflows behind the top-level scripts: calibrate, infer and evaluate, fine-tune."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from core.data import GlacierSet, with_study_years
+from core.evaluation import evaluate
+from core.inference import iter_daily_smb, write_netcdf
+from core.io import atomic_write_json
+from core.models import initial_model, load_model, uses_facies
+from core.training import TrainConfig, train
+from dataloader import Dataset, resolve_data_folder
+from glaunti.glacier import make_arrays
+
+
+def calibrate(model_name: str, data_folder=None, epochs=50, learning_rate=1e-3,
+              params_path=None, log_path=None, seed=0, resume=False, init_params_path=None,
+              show_progress=True):
+    """Train model ``model_name`` on the training folds; returns (best model, final state)."""
+    dataset = Dataset(resolve_data_folder(data_folder))
+    model = initial_model(model_name, seed=seed, start_path=init_params_path)
+    facies = uses_facies(model_name)
+    config = TrainConfig(
+        epochs=epochs, learning_rate=learning_rate,
+        params_path=Path(params_path or f"params/{model_name}.eqx"),
+        log_path=Path(log_path or f"logs/{model_name}.csv"),
+        resume=resume, show_progress=show_progress,
+    )
+    train_set = GlacierSet(dataset, dataset.train_names, facies)
+    val_set = GlacierSet(dataset, dataset.val_names, facies)
+    return train(model, train_set, val_set, config)
+
+
+def infer_and_evaluate(model_name: str, glacier: str, smb_path, eval_path, params_path=None,
+                       data_folder=None, unfreeze_ti=False, model=None):
+    """Daily SMB NetCDF + evaluation JSON of one glacier; returns the evaluation dict."""
+    dataset = Dataset(resolve_data_folder(data_folder))
+    tensors = dataset.glacier(glacier)
+    if model is None:
+        model = load_model(model_name, params_path or f"params/{model_name}.eqx", unfreeze_ti)
+    arrays = make_arrays(tensors, facies=uses_facies(model_name))
+    first_day, n_days = write_netcdf(smb_path, tensors, iter_daily_smb(model, arrays, tensors), model_name)
+    import netCDF4
+
+    with netCDF4.Dataset(smb_path) as nc:
+        nc.set_auto_mask(False)
+        daily = nc.variables["smb"]
+        result = evaluate(tensors, _Lazy(daily), first_day)
+    atomic_write_json(eval_path, result)
+    return result
+
+
+class _Lazy:
+    """Slices of a NetCDF variable as float32 numpy arrays (evaluation reads windows only)."""
+
+    def __init__(self, var):
+        self.var, self.shape = var, var.shape
+
+    def __getitem__(self, key):
+        return np.asarray(self.var[key], dtype=np.float32)
+
+
+def finetune(glacier: str, data_folder=None, init_params_path="params/a.eqx",
+             final_params_path=None, log_path=None, epochs=250, learning_rate=1e-2,
+             train_years=(1995, 2012), val_years=(2013, 2018), resume=False, show_progress=True):
+    """Per-glacier transfer learning of model A (MODEL.md §7): train on ``train_years``, keep the
+    epoch that is best on ``val_years``."""
+    dataset = Dataset(resolve_data_folder(data_folder))
+    tensors = dataset.glacier(glacier)
+    years = np.asarray(tensors.years)
+    for label, (first, last) in (("training", train_years), ("validation", val_years)):
+        if not np.any(tensors.study & (years >= first) & (years <= last)):
+            raise ValueError(f"{glacier}: no study years in the {label} window {first}–{last} "
+                             f"(study years {int(years[tensors.study].min())}–{int(years.max())})")
+    model = load_model("a", init_params_path)
+    arrays = make_arrays(tensors)
+    train_arrays = with_study_years(arrays, years, *train_years)
+    val_arrays = with_study_years(arrays, years, *val_years)
+    safe = glacier.replace(" ", "_")
+    config = TrainConfig(
+        epochs=epochs, learning_rate=learning_rate,
+        params_path=Path(final_params_path or f"params/a_{safe}.eqx"),
+        log_path=Path(log_path or f"logs/a_{safe}.csv"),
+        resume=resume, show_progress=show_progress,
+    )
+    return train(model, lambda: [(glacier, train_arrays)], lambda: [(glacier, val_arrays)], config)

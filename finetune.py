@@ -1,0 +1,41 @@
+"""Fine-tune model A on one glacier (per-glacier transfer learning)."""
+
+import argparse
+import sys
+
+from core.cli import add_data_folder, main_wrapper
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("glacier", help="Glacier name")
+    p.add_argument("--init_params_path", default="params/a.eqx", help="Init params path (.eqx)")
+    p.add_argument("--final_params_path", default=None,
+                   help="Final params path (.eqx); default params/a_<glacier>.eqx")
+    p.add_argument("--log_path", default=None, help="Log path (.csv); default logs/a_<glacier>.csv")
+    add_data_folder(p)
+    p.add_argument("--epochs", type=int, default=250, help="Number of epochs (default 250)")
+    p.add_argument("--learning_rate", type=float, default=1e-2, help="Learning rate (default 1e-2)")
+    p.add_argument("--train_years", type=int, nargs=2, default=(1995, 2012), metavar=("FIRST", "LAST"),
+                   help="Study years used for training (default 1995 2012)")
+    p.add_argument("--val_years", type=int, nargs=2, default=(2013, 2018), metavar=("FIRST", "LAST"),
+                   help="Study years used to pick the best epoch (default 2013 2018)")
+    p.add_argument("--resume", action="store_true", help="Continue an interrupted run")
+    p.add_argument("--quiet", action="store_true", help="No progress bar")
+    return p
+
+
+@main_wrapper
+def main(argv=None):
+    args = parser().parse_args(argv)
+    from core.run import finetune
+
+    finetune(args.glacier, data_folder=args.data_folder, init_params_path=args.init_params_path,
+             final_params_path=args.final_params_path, log_path=args.log_path, epochs=args.epochs,
+             learning_rate=args.learning_rate, train_years=tuple(args.train_years),
+             val_years=tuple(args.val_years), resume=args.resume, show_progress=not args.quiet)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Run a calibrated model on one glacier: daily SMB (.nc) and its evaluation (.json)."""
+
+import argparse
+import sys
+
+from core.cli import add_data_folder, main_wrapper
+from core.models import MODELS
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("model", choices=MODELS, help="Model name")
+    p.add_argument("glacier", help="Glacier name")
+    p.add_argument("smb_path", help="Output SMB path (.nc)")
+    p.add_argument("eval_path", help="Output evaluation path (.json)")
+    p.add_argument("--params_path", default=None, help="Params path (.eqx); default params/<model>.eqx")
+    p.add_argument("--unfreeze_ti", action="store_true",
+                   help="Load with unfrozen TI params (e.g. for finetuned models)")
+    add_data_folder(p)
+    p.add_argument("--quiet", action="store_true", help="Do not print the summary")
+    return p
+
+
+@main_wrapper
+def main(argv=None):
+    args = parser().parse_args(argv)
+    from core.evaluation import SCALES, SEASONS
+    from core.run import infer_and_evaluate
+
+    result = infer_and_evaluate(args.model, args.glacier, args.smb_path, args.eval_path,
+                                params_path=args.params_path, data_folder=args.data_folder,
+                                unfreeze_ti=args.unfreeze_ti)
+    if not args.quiet:
+        print(f"{args.glacier}, model {args.model.upper()}: {args.smb_path}, {args.eval_path}")
+        for scale in SCALES:
+            for season in SEASONS:
+                m = result["metrics"][scale]["overall"][season]
+                extra = "" if m["n"] < 2 else (
+                    f"  r={m['pearson_r'] if m['pearson_r'] is not None else float('nan'):.3f}"
+                    f"  RMSE={m['rmse']:.3f}  bias={m['bias']:+.3f}")
+                print(f"  {scale:12s} {season:7s} n={m['n']:<4d}{extra}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
