@@ -1,0 +1,57 @@
+"""GlaUnTI surface-mass-balance models (MODEL.md §1–4).
+
+- :class:`TIModel` — model A, the differentiable temperature-index model;
+- :class:`GRUModel` — model B, the per-cell GRU baseline;
+- :class:`Corrector`, :class:`GlaUnTI` — models C and D (frozen TI + CNN corrector);
+- :func:`load_params` / :func:`save_params` — ``.eqx`` files interchangeable with the
+  published ones.
+"""
+
+from glaunti.corrector import Corrector
+from glaunti.gru_model import GRUModel
+from glaunti.params import ParamsError, leaf_manifest, load_params, save_params, template
+from glaunti.ti_corr_model import GlaUnTI
+from glaunti.ti_model import (
+    CALIBRATED,
+    PARAM_NAMES,
+    TIModel,
+    TIParams,
+    default_weights,
+    prior_penalty,
+    ti_day_step,
+)
+from glaunti.ti_model import trainable_filter as ti_trainable_filter
+from glaunti.gru_model import trainable_filter as gru_trainable_filter
+from glaunti.ti_corr_model import trainable_filter as glaunti_trainable_filter
+
+
+def trainable_filter(model):
+    """Equinox filter spec of the trainable leaves of any of the four models:
+    A → the seven calibrated TI parameters, B → every array, C/D → the corrector only."""
+    if isinstance(model, TIModel):
+        return ti_trainable_filter(model)
+    if isinstance(model, GRUModel):
+        return gru_trainable_filter(model)
+    if isinstance(model, GlaUnTI):
+        return glaunti_trainable_filter(model)
+    raise TypeError(f"no trainable filter for {type(model).__name__}")
+
+
+__all__ = [
+    "CALIBRATED",
+    "PARAM_NAMES",
+    "Corrector",
+    "GRUModel",
+    "GlaUnTI",
+    "ParamsError",
+    "TIModel",
+    "TIParams",
+    "default_weights",
+    "leaf_manifest",
+    "load_params",
+    "prior_penalty",
+    "save_params",
+    "template",
+    "ti_day_step",
+    "trainable_filter",
+]

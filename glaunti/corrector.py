@@ -1,0 +1,235 @@
+"""The convolutional corrector of GlaUnTI (models C and D, MODEL.md §4).
+
+Once per balance year it maps 15 per-cell input channels (C=15, H×W) and the monthly
+climate series (2, M) to five per-cell corrections d1..d5 (5, H, W).
+
+Module and field names mirror the leaf paths of the published parameter files
+(``branch_2d.downs[i].block.block1.conv.weight`` …) so that the authors' files load by tree
+order. Pooling and activations are plain functions: they carry no leaves, as in the
+published tree.
+
+Conventions, established by matching the golden fixtures bit-for-bit where possible:
+- convolutions are ``equinox.nn.Conv{1,2}d``; 3×3 and width-3 convs use 'SAME' zero
+  padding (one zero on each side);
+- the RMS normalisation is per channel over the spatial (or time) axes,
+  ``x · rsqrt(mean(x²) + 1e-6) · weight + bias`` (no centring);
+- the activation is swish (``jax.nn.swish``);
+- max-pool 2×2 stride 2 and average-pool 2 stride 2 drop a trailing odd row/column;
+- the final upsampling is ``jax.image.resize(..., 'bilinear', antialias=False)``.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+import constants
+
+N_FIELDS = 15  # 3 computed TI channels + outlines, elevation, elevation std + 9 facies
+N_CLIMATE = 2  # monthly T, P
+N_OUT = 5  # d1..d5
+WIDTH_2D = 32
+WIDTH_1D = 8
+N_DOWN = 3
+N_1D_STAGES = 2
+OUT_SCALE = 0.1
+RMS_EPS = 1e-6
+# The monthly series covers 12–14 (partial) months (MODEL.md §9.6).
+MONTH_COUNTS = (12, 13, 14)
+
+
+class RMSNorm(eqx.Module):
+    """Per-channel RMS normalisation over all non-channel axes, learned scale and offset."""
+
+    weight: Float[Array, "C *ones"]
+    bias: Float[Array, "C *ones"]
+
+    def __init__(self, channels: int, spatial_dims: int):
+        shape = (channels,) + (1,) * spatial_dims
+        self.weight = jnp.ones(shape, jnp.float32)
+        self.bias = jnp.zeros(shape, jnp.float32)
+
+    def __call__(self, x: Float[Array, "C *S"]) -> Float[Array, "C *S"]:
+        axes = tuple(range(1, x.ndim))
+        mean_sq = jnp.mean(jnp.square(x), axis=axes, keepdims=True)
+        return x * jax.lax.rsqrt(mean_sq + RMS_EPS) * self.weight + self.bias
+
+
+class ConvBlock(eqx.Module):
+    """conv (no bias, 'SAME') → RMSNorm → swish."""
+
+    conv: eqx.nn.Conv
+    norm: RMSNorm
+
+    def __init__(self, channels: int, spatial_dims: int, key: PRNGKeyArray):
+        self.conv = eqx.nn.Conv(
+            spatial_dims, channels, channels, 3, padding="SAME", use_bias=False, key=key
+        )
+        self.norm = RMSNorm(channels, spatial_dims)
+
+    def __call__(self, x):
+        return jax.nn.swish(self.norm(self.conv(x)))
+
+
+class DoubleBlock(eqx.Module):
+    """Two :class:`ConvBlock` in sequence."""
+
+    block1: ConvBlock
+    block2: ConvBlock
+
+    def __init__(self, channels: int, spatial_dims: int, key: PRNGKeyArray):
+        k1, k2 = jr.split(key)
+        self.block1 = ConvBlock(channels, spatial_dims, k1)
+        self.block2 = ConvBlock(channels, spatial_dims, k2)
+
+    def __call__(self, x):
+        return self.block2(self.block1(x))
+
+
+class Down(eqx.Module):
+    """One 2-D stage: a :class:`DoubleBlock`, then a 2×2 max-pool (a function: no leaves)."""
+
+    block: DoubleBlock
+
+    def __init__(self, channels: int, key: PRNGKeyArray):
+        self.block = DoubleBlock(channels, 2, key)
+
+    def __call__(self, x: Float[Array, "C H W"]) -> Float[Array, "C H//2 W//2"]:
+        return max_pool_2x2(self.block(x))
+
+
+def max_pool_2x2(x: Float[Array, "C H W"]) -> Float[Array, "C H//2 W//2"]:
+    """2×2 max-pool, stride 2, no padding (a trailing odd row/column is dropped)."""
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2), (1, 2, 2), "VALID")
+
+
+def avg_pool_2(x: Float[Array, "C T"]) -> Float[Array, "C T//2"]:
+    """Average-pool of width 2, stride 2, no padding."""
+    summed = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 2), (1, 2), "VALID")
+    return summed / 2.0
+
+
+class Branch2D(eqx.Module):
+    """(15, H, W) → (32, H/8, W/8): 1×1 conv, three [2 blocks + max-pool], bottleneck."""
+
+    in_conv: eqx.nn.Conv2d
+    downs: list[Down]
+    bottleneck: DoubleBlock
+
+    def __init__(self, key: PRNGKeyArray):
+        k_in, k_b, *k_downs = jr.split(key, 2 + N_DOWN)
+        self.in_conv = eqx.nn.Conv2d(N_FIELDS, WIDTH_2D, 1, use_bias=False, key=k_in)
+        self.downs = [Down(WIDTH_2D, k) for k in k_downs]
+        self.bottleneck = DoubleBlock(WIDTH_2D, 2, k_b)
+
+    def __call__(self, x):
+        x = self.in_conv(x)
+        for down in self.downs:
+            x = down(x)
+        return self.bottleneck(x)
+
+
+class Branch1D(eqx.Module):
+    """(2, M) → (8, 1): 1-wide conv, two [2 width-3 blocks + avg-pool], mean over time."""
+
+    in_conv: eqx.nn.Conv1d
+    conv_blocks: list[DoubleBlock]
+
+    def __init__(self, key: PRNGKeyArray):
+        k_in, *k_blocks = jr.split(key, 1 + N_1D_STAGES)
+        self.in_conv = eqx.nn.Conv1d(N_CLIMATE, WIDTH_1D, 1, use_bias=False, key=k_in)
+        self.conv_blocks = [DoubleBlock(WIDTH_1D, 1, k) for k in k_blocks]
+
+    def __call__(self, x: Float[Array, "2 M"]) -> Float[Array, "8 1"]:
+        x = self.in_conv(x)
+        for blocks in self.conv_blocks:
+            x = avg_pool_2(blocks(x))
+        return jnp.mean(x, axis=1, keepdims=True)
+
+
+def check_grid(height: int, width: int) -> None:
+    """Refuse grids the three 2×2 poolings cannot handle (MODEL.md §9.9)."""
+    side = constants.min_grid_side
+    if height < side or width < side:
+        raise ValueError(
+            f"the corrector needs a grid of at least {side}×{side} cells (three 2×2 "
+            f"poolings); got H×W = {height}×{width}"
+        )
+
+
+class Corrector(eqx.Module):
+    """Fields (15, H, W) + monthly climate (2, M) → corrections d1..d5 (5, H, W)."""
+
+    branch_2d: Branch2D
+    branch_1d: Branch1D
+    reproj_1d_to_2d_conv: eqx.nn.Conv1d
+    fuse_conv: DoubleBlock
+    out_conv: eqx.nn.Conv2d
+
+    def __init__(self, key: PRNGKeyArray | None = None):
+        """Random Equinox-default initialisation (``key`` defaults to PRNGKey(0))."""
+        key = jr.PRNGKey(0) if key is None else key
+        k2, k1, kr, kf, ko = jr.split(key, 5)
+        self.branch_2d = Branch2D(k2)
+        self.branch_1d = Branch1D(k1)
+        self.reproj_1d_to_2d_conv = eqx.nn.Conv1d(WIDTH_1D, WIDTH_2D, 1, use_bias=False, key=kr)
+        self.fuse_conv = DoubleBlock(WIDTH_2D, 2, kf)
+        self.out_conv = eqx.nn.Conv2d(WIDTH_2D, N_OUT, 1, use_bias=True, key=ko)
+
+    def climate_features(
+        self, climate_monthly: Float[Array, "2 M"], n_months: Int[Array, ""] | int | None = None
+    ) -> Float[Array, "8 1"]:
+        """The 1-D branch on the first ``n_months`` months of ``climate_monthly``.
+
+        ``n_months=None`` uses all M columns. Otherwise ``climate_monthly`` is zero-padded
+        to at least 14 columns and ``n_months`` (possibly traced) is 12, 13 or 14: the branch
+        is evaluated for each static length and the matching result is selected, which
+        equals running it on the unpadded series exactly (one compiled function serves
+        every year). A traced value outside 12..14 is clipped into that range.
+        """
+        climate_monthly = jnp.asarray(climate_monthly, jnp.float32)
+        if n_months is None:
+            return self.branch_1d(climate_monthly)
+        if isinstance(n_months, (int, np.integer)) and not isinstance(n_months, bool):
+            n_months = int(n_months)
+            if n_months > climate_monthly.shape[1] or n_months < 1:
+                raise ValueError(
+                    f"n_months={n_months} does not fit a climate series of "
+                    f"{climate_monthly.shape[1]} months"
+                )
+            return self.branch_1d(climate_monthly[:, :n_months])
+        if climate_monthly.shape[1] < max(MONTH_COUNTS):
+            raise ValueError(
+                f"with a traced n_months the climate series must be zero-padded to "
+                f"{max(MONTH_COUNTS)} months; got {climate_monthly.shape[1]}"
+            )
+        candidates = jnp.stack([self.branch_1d(climate_monthly[:, :m]) for m in MONTH_COUNTS])
+        index = jnp.clip(jnp.asarray(n_months) - MONTH_COUNTS[0], 0, len(MONTH_COUNTS) - 1)
+        return candidates[index]
+
+    def __call__(
+        self,
+        fields: Float[Array, "15 H W"],
+        climate_monthly: Float[Array, "2 M"],
+        n_months: Int[Array, ""] | int | None = None,
+    ) -> Float[Array, "5 H W"]:
+        """Corrections d1..d5 (5, H, W); see :meth:`climate_features` for ``n_months``."""
+        fields = jnp.asarray(fields, jnp.float32)
+        if fields.ndim != 3 or fields.shape[0] != N_FIELDS:
+            raise ValueError(f"corrector fields must be ({N_FIELDS}, H, W); got {fields.shape}")
+        _, height, width = fields.shape
+        check_grid(height, width)
+        x2 = self.branch_2d(fields)  # (32, h, w)
+        x1 = self.reproj_1d_to_2d_conv(self.climate_features(climate_monthly, n_months))
+        x = self.fuse_conv(x2 + x1[:, :, None])  # (32, 1) broadcast over (h, w)
+        out = self.out_conv(x) * OUT_SCALE
+        return jax.image.resize(out, (N_OUT, height, width), "bilinear", antialias=False)
+
+
+def trainable_filter(model: Corrector):
+    """Equinox filter spec: every array leaf of the corrector is trained."""
+    return jax.tree_util.tree_map(eqx.is_inexact_array, model)
