@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Sequence
 
+import equinox as eqx
 import jax
 import numpy as np
 
@@ -23,11 +24,7 @@ def nbytes(arrays: GlacierArrays) -> int:
 def with_study_years(arrays: GlacierArrays, years: np.ndarray, first: int, last: int) -> GlacierArrays:
     """The same glacier with only study years in [first, last] scored (others still run)."""
     keep = (years >= first) & (years <= last)
-    return GlacierArrays(**{**_fields(arrays), "study": arrays.study & keep})
-
-
-def _fields(arrays):
-    return {name: getattr(arrays, name) for name in arrays.__dataclass_fields__}
+    return eqx.tree_at(lambda a: a.study, arrays, arrays.study & keep)
 
 
 class GlacierSet:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 import equinox as eqx
+import jax.numpy as jnp
 import netCDF4
 import numpy as np
 import xarray as xr
@@ -25,7 +26,7 @@ SMB_VARIABLE = "smb"
 
 @eqx.filter_jit
 def _spinup_step(model, arrays, k, state):
-    state, _, _, _ = year_step(model, arrays, k, state, series=False)
+    state, _, _, _ = year_step(model, arrays, k, state, series=False, spinup=True)
     return state
 
 
@@ -39,13 +40,12 @@ def iter_daily_smb(model, arrays: GlacierArrays, tensors) -> Iterator[tuple[int,
     """Yield ``(first_day, smb)`` chunks of consecutive calendar days covering the study period;
     ``smb`` is (n, H, W) float32 m w.e. per day, ``first_day`` a climate-day index."""
     state = initial_state(model, arrays)
-    study = [k for k in range(len(tensors.years)) if tensors.study[k]]
-    for k in range(len(tensors.years)):
-        if not tensors.study[k]:
-            state = _spinup_step(model, arrays, k, state)
+    study = range(arrays.n_spinup, len(tensors.years))
+    for k in range(arrays.n_spinup):
+        state = _spinup_step(model, arrays, jnp.int32(k), state)  # traced k: one compile
     pending_day, pending = None, None
     for k in study:
-        state, series = _series_step(model, arrays, k, state)
+        state, series = _series_step(model, arrays, jnp.int32(k), state)
         series = np.asarray(series)
         begin, end = int(tensors.begin_day[k]), int(tensors.end_day[k])
         year = np.zeros((end - begin + 1,) + series.shape[1:], dtype=np.float32)

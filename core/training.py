@@ -53,13 +53,20 @@ def make_optimiser(learning_rate: float):
     return optax.chain(optax.clip_by_global_norm(CLIP_NORM), optax.adam(learning_rate))
 
 
+def _loss(trainable, static, arrays):
+    return glacier_loss(eqx.combine(trainable, static), arrays)
+
+
+# Module-level compiled functions: their caches persist across epochs and across runs in one
+# process, so a glacier shape compiles once.
+loss_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(_loss, has_aux=True))
+loss_only = eqx.filter_jit(_loss)
+
+
 def make_loss_and_grad():
-    """A compiled ``(trainable, static, arrays) -> ((loss, terms), grad)``."""
-
-    def loss_fn(trainable, static, arrays):
-        return glacier_loss(eqx.combine(trainable, static), arrays)
-
-    return eqx.filter_jit(eqx.filter_value_and_grad(loss_fn, has_aux=True)), eqx.filter_jit(loss_fn)
+    """The compiled ``(trainable, static, arrays) -> ((loss, terms), grad)`` and
+    ``(trainable, static, arrays) -> (loss, terms)``."""
+    return loss_and_grad, loss_only
 
 
 @dataclass

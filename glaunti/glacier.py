@@ -51,6 +51,9 @@ class GlacierArrays(eqx.Module):
     stake_balance: Float[Array, " N"]
     stake_weight: Float[Array, " N"]
 
+    # Spin-up years come first (1990–1994); a static count so that they get their own scan.
+    n_spinup: int = eqx.field(static=True)
+
     @property
     def n_years(self) -> int:
         return self.day_index.shape[0]
@@ -60,9 +63,21 @@ class GlacierArrays(eqx.Module):
         return self.temperature_2m.shape[1:]
 
 
+# Stakes are padded to a multiple of this (with zero weight) so that glaciers of one grid shape
+# share compiled functions whatever their number of stakes.
+STAKE_PADDING = 64
+INDEX_CODE = 3
+
+
+def _pad(values, n, fill):
+    values = np.asarray(values)
+    return np.concatenate([values, np.full(n - len(values), fill, dtype=values.dtype)])
+
+
 def make_arrays(tensors, facies: bool = False) -> GlacierArrays:
     """``GlacierTensors`` → ``GlacierArrays``. ``facies`` selects model D's inputs (the facies maps
     where they exist); otherwise the nine facies bands hold the −1 placeholder (model C)."""
+    n = max(STAKE_PADDING, -(-len(tensors.stake_balance) // STAKE_PADDING) * STAKE_PADDING)
     f32 = lambda a: jnp.asarray(np.asarray(a, dtype=np.float32))  # noqa: E731
     i32 = lambda a: jnp.asarray(np.asarray(a, dtype=np.int32))  # noqa: E731
     facies_bands = np.asarray(tensors.facies, dtype=np.float32)
@@ -93,12 +108,13 @@ def make_arrays(tensors, facies: bool = False) -> GlacierArrays:
         seasonal=jnp.asarray(np.asarray(tensors.seasonal, dtype=bool)),
         study=jnp.asarray(np.asarray(tensors.study, dtype=bool)),
         glacier_wide=f32(tensors.glacier_wide),
-        stake_year=i32(tensors.stake_year),
-        stake_code=i32(tensors.stake_code),
-        stake_row=i32(tensors.stake_row),
-        stake_col=i32(tensors.stake_col),
-        stake_balance=f32(tensors.stake_balance),
-        stake_weight=f32(tensors.stake_weight),
+        stake_year=i32(_pad(tensors.stake_year, n, 0)),
+        stake_code=i32(_pad(tensors.stake_code, n, INDEX_CODE)),
+        stake_row=i32(_pad(tensors.stake_row, n, 0)),
+        stake_col=i32(_pad(tensors.stake_col, n, 0)),
+        stake_balance=f32(_pad(tensors.stake_balance, n, 0.0)),
+        stake_weight=f32(_pad(tensors.stake_weight, n, 0.0)),
+        n_spinup=int(np.sum(np.asarray(tensors.years) < constants.study_period_start_year)),
     )
 
 
@@ -181,8 +197,11 @@ def corrections_for_year(model: GlaUnTI, arrays: GlacierArrays, k, swe) -> Float
     return model.corrector(inputs, arrays.climate_monthly[k], arrays.n_months[k])
 
 
-def year_step(model, arrays: GlacierArrays, k, state, series: bool = False):
+def year_step(model, arrays: GlacierArrays, k, state, series: bool = False, spinup: bool = False):
     """Run balance year k (traced index) from ``state``.
+
+    ``spinup`` (static) marks a spin-up year, in which C/D recompute the summer's corrections
+    from the post-winter SWE (MODEL.md §9.1); in an annual-only year this is the same as one run.
 
     Returns (state, (2, H, W) per-period SMB sums, (5, H, W) corrections or None,
     (L, H, W) daily series or None).
@@ -216,34 +235,35 @@ def year_step(model, arrays: GlacierArrays, k, state, series: bool = False):
         return _scan_block(step, swe, arrays, k, days, no_flag, series)
 
     corrections = corrections_for_year(model, arrays, k, state)
-
-    def once(swe):
-        return run(corrections, swe, valid)
-
-    def summer_recomputed(swe):
-        # MODEL.md §9.1: in seasonal spin-up years the summer computes its own corrections
-        # from its initial (post-winter) SWE.
-        season = arrays.day_season[k]
-        swe, acc_w, out_w = run(corrections, swe, valid & (season == 0))
-        summer = corrections_for_year(model, arrays, k, swe)
-        swe, acc_s, out_s = run(summer, swe, valid & (season == 1))
-        out = None if out_w is None else out_w + out_s
-        return swe, acc_w + acc_s, out
-
-    state, acc, out = jax.lax.cond(arrays.seasonal[k] & ~arrays.study[k], summer_recomputed, once, state)
-    return state, acc, corrections, out
+    if not spinup:
+        state, acc, out = run(corrections, state, valid)
+        return state, acc, corrections, out
+    season = arrays.day_season[k]
+    swe, acc_w, out_w = run(corrections, state, valid & (season == 0))
+    summer = corrections_for_year(model, arrays, k, swe)
+    swe, acc_s, out_s = run(summer, swe, valid & (season == 1))
+    out = None if out_w is None else out_w + out_s
+    return swe, acc_w + acc_s, corrections, out
 
 
 def run_glacier(model, arrays: GlacierArrays, state=None) -> GlacierRun:
-    """Every balance year of the glacier in one scan, from the cold start (or ``state``)."""
+    """Every balance year of the glacier, spin-up then study years, from the cold start (or
+    ``state``): one scan over the spin-up years and one over the study years."""
     if state is None:
         state = initial_state(model, arrays)
 
-    # Remat per year: the backward pass keeps one state per year and recomputes a year's days.
-    @jax.checkpoint
-    def body(state, k):
-        state, acc, corrections, _ = year_step(model, arrays, k, state)
-        return state, (acc, corrections)
+    def scan_years(state, years, spinup):
+        # Remat per year: the backward pass keeps one state per year and recomputes its days.
+        @jax.checkpoint
+        def body(state, k):
+            state, acc, corrections, _ = year_step(model, arrays, k, state, spinup=spinup)
+            return state, (acc, corrections)
 
-    state, (season_smb, corrections) = jax.lax.scan(body, state, jnp.arange(arrays.n_years))
+        return jax.lax.scan(body, state, years)
+
+    years = jnp.arange(arrays.n_years)
+    state, (spin_smb, spin_corr) = scan_years(state, years[: arrays.n_spinup], True)
+    state, (study_smb, study_corr) = scan_years(state, years[arrays.n_spinup:], False)
+    season_smb = jnp.concatenate([spin_smb, study_smb])
+    corrections = None if study_corr is None else jnp.concatenate([spin_corr, study_corr])
     return GlacierRun(season_smb, corrections, state)
