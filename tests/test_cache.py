@@ -1,0 +1,129 @@
+"""The on-disk cache of prepared glaciers: hit on the second read, invalidation when a source
+changes, nothing cached from a failed read, location overrides."""
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dataloader.reader
+from dataloader import Dataset, DataError, GlacierTensors, CACHE_DIR_ENV
+from dataloader.tensors import SCALAR_FIELDS, array_fields
+
+TINY = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "tiny_dataset"
+GLACIER = "Synth Ferner"
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    """A writable copy of the tiny dataset (the reference files are read-only)."""
+    if not TINY.is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"reference dataset missing at {TINY} (CI=true)")
+        pytest.skip(f"reference dataset not found at {TINY}")
+    copy = tmp_path / "data"
+    shutil.copytree(TINY, copy, copy_function=shutil.copyfile)
+    for folder, _, _ in os.walk(copy):
+        os.chmod(folder, 0o755)
+    return copy
+
+
+@pytest.fixture
+def netcdf_reads(monkeypatch) -> list:
+    """Paths of every NetCDF file the reader opens from now on."""
+    reads = []
+    original = dataloader.reader.open_netcdf
+
+    def counting(path):
+        reads.append(Path(path))
+        return original(path)
+
+    monkeypatch.setattr(dataloader.reader, "open_netcdf", counting)
+    return reads
+
+
+def entries(cache_root: Path) -> list[str]:
+    return sorted(p.name for p in cache_root.iterdir()) if cache_root.exists() else []
+
+
+def assert_same(a: GlacierTensors, b: GlacierTensors) -> None:
+    for field in SCALAR_FIELDS:
+        assert getattr(a, field) == getattr(b, field), field
+    for field in array_fields():
+        x, y = getattr(a, field), getattr(b, field)
+        assert x.dtype == y.dtype and x.shape == y.shape, field
+        np.testing.assert_array_equal(x, y, err_msg=field)
+
+
+def test_second_read_comes_from_cache(data, netcdf_reads):
+    first = Dataset(data).glacier(GLACIER)
+    assert len(netcdf_reads) == 6  # outlines, dem, orography, facies, temperature, precipitation
+    (entry,) = entries(data / ".glaunti_cache")
+    assert entry.startswith("Synth_Ferner.")
+    second = Dataset(data).glacier(GLACIER)
+    assert len(netcdf_reads) == 6  # nothing read again
+    assert isinstance(second.temperature_2m, np.memmap)  # memory-mapped, not loaded
+    assert not second.temperature_2m.flags.writeable
+    assert_same(first, second)
+    assert_same(second, Dataset(data, use_cache=False).glacier(GLACIER))
+
+
+@pytest.mark.parametrize("change", ["touch", "edit", "remove optional file"])
+def test_cache_invalidated_when_a_source_changes(data, netcdf_reads, change):
+    Dataset(data).glacier(GLACIER)
+    (old_entry,) = entries(data / ".glaunti_cache")
+    folder = data / GLACIER
+    if change == "touch":
+        stat = os.stat(folder / "orography.nc")
+        os.utime(folder / "orography.nc", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    elif change == "edit":
+        text = (folder / "total_smb.csv").read_text()
+        (folder / "total_smb.csv").write_text(text.replace("0.329", "0.331"))
+    else:
+        (folder / "point_smb.csv").unlink()
+    n_reads = len(netcdf_reads)
+
+    glacier = Dataset(data).glacier(GLACIER)
+    assert len(netcdf_reads) > n_reads  # read again
+    (new_entry,) = entries(data / ".glaunti_cache")  # the stale entry is gone
+    assert new_entry != old_entry
+    if change == "edit":
+        assert glacier.glacier_wide[5, 0] == np.float32(0.331)
+    if change == "remove optional file":
+        assert len(glacier.stake_id) == 0
+
+
+def test_nothing_cached_after_a_failed_read(data):
+    text = (data / GLACIER / "total_smb.csv").read_text()
+    (data / GLACIER / "total_smb.csv").write_text(text.replace("1995-05-04", "1995-13-04"))
+    with pytest.raises(DataError, match="midseason_date"):
+        Dataset(data).glacier(GLACIER)
+    assert entries(data / ".glaunti_cache") == []  # no entry, no half-built temporary folder
+    (data / GLACIER / "total_smb.csv").write_text(text)
+    Dataset(data).glacier(GLACIER)
+    assert len(entries(data / ".glaunti_cache")) == 1
+
+
+def test_cache_dir_override_and_opt_out(data, tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "env_cache"))
+    Dataset(data).glacier(GLACIER)
+    assert len(entries(tmp_path / "env_cache")) == 1
+    Dataset(data, cache_dir=tmp_path / "arg_cache").glacier(GLACIER)  # argument beats env
+    assert len(entries(tmp_path / "arg_cache")) == 1
+    monkeypatch.delenv(CACHE_DIR_ENV)
+    Dataset(data, use_cache=False).glacier(GLACIER)
+    assert not (data / ".glaunti_cache").exists()
+
+
+def test_read_only_data_folder_is_never_written(data, netcdf_reads):
+    # Like the shared reference dataset: no write bits (root would be allowed to write anyway).
+    os.chmod(data, 0o555)
+    try:
+        with pytest.warns(UserWarning, match="without cache"):
+            glacier = Dataset(data).glacier(GLACIER)
+    finally:
+        os.chmod(data, 0o755)
+    assert glacier.name == GLACIER and len(netcdf_reads) == 6
+    assert not (data / ".glaunti_cache").exists()
