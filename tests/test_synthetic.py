@@ -1,0 +1,470 @@
+"""The synthetic twin (dataloader/synthetic.py): published layout, determinism, plausibility,
+and that the project's own loader reads it."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import shutil
+from pathlib import Path
+
+import netCDF4
+import numpy as np
+import pandas as pd
+import pyproj
+import pytest
+import xarray as xr
+
+import constants
+from dataloader import synthetic
+from dataloader.synthetic import generate
+
+REQUIRED_FILES = ("temperature.nc", "precipitation.nc", "orography.nc", "dem.nc", "outlines.nc",
+                  "total_smb.csv")
+INDEX_COLUMNS = ["name", "wgms_name", "fold", "region", "max_year", "height", "width"]
+TOTAL_COLUMNS = ["year", "begin_date", "midseason_date", "end_date", "winter_balance",
+                 "summer_balance", "annual_balance"]
+POINT_COLUMNS = ["year", "point_id", "balance_code", "begin_date", "end_date", "latitude",
+                 "longitude", "elevation", "balance"]
+FACIES_BANDS = ["ice", "snow", "debris", "firn", "shadow", "superimposed-ice", "cloud", "water",
+                "confidence"]
+NORMALISATION = {"elevation": 4341.383118842848, "elevation_std": 5699.1201273232155,
+                 "t_monthly": 45.744850158691406, "p_monthly": 0.16851751506328583,
+                 "delta_z": 2471.570922600618}
+FIRST_YEAR = constants.initialisation_period_start_year
+STUDY_START = constants.study_period_start_year
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_twin) -> Path:
+    """The tiny preset, seed 0 (generated once per session by tests/conftest.py)."""
+    return tiny_twin
+
+
+@pytest.fixture(scope="module")
+def index(tiny) -> pd.DataFrame:
+    return pd.read_csv(tiny / "index.csv", keep_default_na=False)
+
+
+@pytest.fixture(scope="module")
+def demo_twins() -> list[synthetic.GlacierTwin]:
+    """The demo preset simulated in memory (no files): more glaciers per region for statistics."""
+    specs = synthetic.glacier_specs("demo", 0)
+    weathers = synthetic.regional_weathers([s for _, s in specs], 0)
+    return [synthetic.simulate_glacier(name, spec, i, 0, weathers[spec.region], 2003)
+            for i, (name, spec) in enumerate(specs)]
+
+
+def _dates(column: pd.Series) -> pd.Series:
+    return pd.to_datetime(column, format="%Y-%m-%d")
+
+
+# --------------------------------------------------------------------------------- layout
+
+
+def test_index_and_normalisation(tiny, index):
+    assert list(index.columns) == INDEX_COLUMNS
+    assert index["name"].is_unique
+    assert any(" " in n for n in index["name"])  # names with spaces are part of the format
+    assert (index["wgms_name"] == index["name"].str.upper()).all()
+    folds = index["fold"]
+    assert (folds == 0).sum() >= 1 and (folds == 1).sum() >= 1 and (folds >= 2).sum() >= 2
+    for fold, group in index.groupby("fold"):
+        if len(group) > 1:
+            assert group["region"].nunique() > 1, f"fold {fold} covers one region only"
+    assert (index["height"] >= constants.min_grid_side).all()
+    assert (index["width"] >= constants.min_grid_side).all()
+    with open(tiny / "normalisation_factors.pkl", "rb") as f:
+        factors = pickle.load(f)
+    assert type(factors) is dict and factors == NORMALISATION
+    assert sorted(p.name for p in tiny.iterdir() if p.is_dir()) == sorted(index["name"])
+    assert not list(tiny.parent.glob(".tiny.*")), "temporary folders left behind"
+
+
+def _check_grid(ds: netCDF4.Dataset, name: str, height: int, width: int, reference):
+    x, y = ds["x"][:].data, ds["y"][:].data
+    assert ds["x"].dtype == np.float64 and ds["y"].dtype == np.float64
+    assert x.shape == (width,) and y.shape == (height,)
+    assert np.allclose(np.diff(x), 100.0) and np.allclose(np.diff(y), -100.0)
+    ref = ds["spatial_ref"]
+    assert ref.dtype == np.int64 and ref.shape == ()
+    assert ref.crs_wkt == ref.spatial_ref
+    assert pyproj.CRS.from_wkt(ref.crs_wkt).to_epsg() in (32628, 32631, 32632, 32633)
+    x_left, dx, rot1, y_top, rot2, dy = (float(v) for v in ref.GeoTransform.split())
+    assert (dx, rot1, rot2, dy) == (100.0, 0.0, 0.0, -100.0)
+    assert np.array_equal(x, x_left + (np.arange(width) + 0.5) * 100.0)
+    assert np.array_equal(y, y_top - (np.arange(height) + 0.5) * 100.0)
+    if reference:  # bit-identical coordinates and CRS in every file of a glacier
+        assert np.array_equal(x, reference[0]) and np.array_equal(y, reference[1])
+        assert ref.crs_wkt == reference[2]
+    return x, y, ref.crs_wkt
+
+
+def _check_data_variable(var: netCDF4.Variable, dims: tuple[str, ...]):
+    assert var.dimensions == dims
+    assert var.dtype == np.float32
+    assert np.isnan(var._FillValue) and var.grid_mapping == "spatial_ref"
+    filters = var.filters()
+    assert filters["zlib"] and filters["shuffle"]
+
+
+def test_netcdf_layout(tiny, index):
+    for row in index.itertuples():
+        folder = tiny / row.name
+        for file in REQUIRED_FILES:
+            assert (folder / file).is_file(), f"{row.name}: {file} missing"
+        reference = None
+        years = np.arange(FIRST_YEAR, row.max_year + 1)
+        totals = pd.read_csv(folder / "total_smb.csv")
+        for file, var_name in (("temperature.nc", "temperature_2m"),
+                               ("precipitation.nc", "total_precipitation_sum")):
+            with netCDF4.Dataset(folder / file) as ds:
+                assert not ds.ncattrs(), "no global attributes (history, dates) may be written"
+                reference = _check_grid(ds, row.name, row.height, row.width, reference)
+                _check_data_variable(ds[var_name], ("time", "y", "x"))
+                time = ds["time"]
+                assert time.dtype == np.int32 and time.calendar == "proleptic_gregorian"
+                assert time.units == "days since 1989-10-01"
+                days = time[:].data
+                assert np.array_equal(days, np.arange(days.size))
+                first = np.datetime64("1989-10-01")
+                last = first + int(days[-1])
+                assert first <= np.datetime64(totals["begin_date"].min())
+                assert last >= np.datetime64(totals["end_date"].max())
+                data = ds[var_name][:].data
+                assert data.shape == (days.size, row.height, row.width)
+                assert np.isfinite(data).all()
+        with netCDF4.Dataset(folder / "orography.nc") as ds:
+            _check_grid(ds, row.name, row.height, row.width, reference)
+            _check_data_variable(ds["elevation"], ("y", "x"))
+        for file, names in (("dem.nc", ("z", "zstddev")), ("outlines.nc", ("outlines",))):
+            with netCDF4.Dataset(folder / file) as ds:
+                _check_grid(ds, row.name, row.height, row.width, reference)
+                assert ds["year"].dtype == np.int32
+                assert np.array_equal(ds["year"][:].data, years)
+                for name in names:
+                    _check_data_variable(ds[name], ("year", "y", "x"))
+                    assert np.isfinite(ds[name][:].data).all()
+                if file == "outlines.nc":
+                    assert set(np.unique(ds["outlines"][:].data)) == {0.0, 1.0}
+        if (folder / "facies.nc").exists():
+            with netCDF4.Dataset(folder / "facies.nc") as ds:
+                _check_grid(ds, row.name, row.height, row.width, reference)
+                _check_data_variable(ds["facies"], ("year", "band", "y", "x"))
+                assert list(ds["band"][:]) == FACIES_BANDS
+                facies_years = ds["year"][:].data
+                assert ds["year"].dtype == np.int32 and set(facies_years) <= set(years)
+                maps = ds["facies"][:].data
+            outlines = xr.open_dataset(folder / "outlines.nc")["outlines"]
+            for k, year in enumerate(facies_years):
+                glacier = outlines.sel(year=year).values == 1
+                assert np.isnan(maps[k][:, ~glacier]).all()
+                probabilities = maps[k][:8][:, glacier]
+                assert (probabilities >= 0).all() and (probabilities <= 1).all()
+                assert np.allclose(probabilities.sum(axis=0), 1.0, atol=1e-5)
+                confidence = maps[k][8][glacier]
+                assert ((confidence >= 0) & (confidence <= 1)).all()
+
+
+def test_xarray_decoding(tiny, index):
+    """What a reader sees: decoded dates at 00:00, int32 years, string bands, dims order."""
+    name = index["name"][0]
+    with xr.open_dataset(tiny / name / "temperature.nc") as ds:
+        assert ds["temperature_2m"].dims == ("time", "y", "x")
+        assert ds["time"].values[0] == np.datetime64("1989-10-01T00:00")
+        assert "spatial_ref" in ds.variables
+    with xr.open_dataset(tiny / name / "dem.nc") as ds:
+        assert ds["year"].dtype == np.int32 and ds["z"].dims == ("year", "y", "x")
+
+
+def _cell_of(lon, lat, outlines: xr.Dataset):
+    crs = pyproj.CRS.from_wkt(outlines["spatial_ref"].attrs["crs_wkt"])
+    east, north = pyproj.Transformer.from_crs(4326, crs, always_xy=True).transform(lon, lat)
+    x_left, _, _, y_top, _, _ = (float(v) for v in outlines["spatial_ref"].attrs["GeoTransform"].split())
+    return (np.floor((y_top - north) / 100.0).astype(int), np.floor((east - x_left) / 100.0).astype(int))
+
+
+def test_csv_tables(tiny, index):
+    for row in index.itertuples():
+        folder = tiny / row.name
+        text = (folder / "total_smb.csv").read_text()
+        assert text.endswith("\n") and "\r" not in text
+        totals = pd.read_csv(folder / "total_smb.csv", dtype={"midseason_date": str})
+        assert list(totals.columns) == TOTAL_COLUMNS
+        assert list(totals["year"]) == list(range(FIRST_YEAR, row.max_year + 1))
+        begin, end = _dates(totals["begin_date"]), _dates(totals["end_date"])
+        assert (begin.dt.year == totals["year"] - 1).all() and (end.dt.year == totals["year"]).all()
+        gap = (begin.iloc[1:].values - end.iloc[:-1].values) / np.timedelta64(1, "D")
+        assert set(gap) <= {0.0, 1.0}, "consecutive years share the day or follow it"
+        seasonal = totals["midseason_date"].notna()
+        mid = _dates(totals.loc[seasonal, "midseason_date"])
+        assert ((mid > begin[seasonal]) & (mid < end[seasonal])).all()
+        if (folder / "point_smb.csv").exists():
+            points = pd.read_csv(folder / "point_smb.csv", dtype={"point_id": str})
+            assert list(points.columns) == POINT_COLUMNS
+            assert set(points["balance_code"]) <= {"annual", "winter", "summer", "index"}
+            assert (_dates(points["end_date"]) > _dates(points["begin_date"])).all()
+            assert points["balance"].notna().all()
+            with xr.open_dataset(folder / "outlines.nc") as outlines:
+                rows, cols = _cell_of(points["longitude"].values, points["latitude"].values, outlines)
+                assert ((rows >= 0) & (rows < row.height) & (cols >= 0) & (cols < row.width)).all()
+                mask = outlines["outlines"].values
+                assert (mask[:, rows, cols] == 1).all(), "stakes lie on the glacier in every year"
+
+
+def test_special_cases_covered(tiny, index):
+    """tiny exercises the irregularities of real data that the loader and losses must handle."""
+    seasonal, annual_only, shared, next_day, index_rows, spin_up_points = 0, 0, 0, 0, 0, 0
+    with_points, with_facies, missing = 0, 0, 0
+    for row in index.itertuples():
+        folder = tiny / row.name
+        totals = pd.read_csv(folder / "total_smb.csv")
+        seasonal += totals["midseason_date"].notna().sum()
+        annual_only += totals["midseason_date"].isna().sum()
+        gap = (_dates(totals["begin_date"]).iloc[1:].values
+               - _dates(totals["end_date"]).iloc[:-1].values) / np.timedelta64(1, "D")
+        shared += (gap == 0).sum()
+        next_day += (gap == 1).sum()
+        study = totals[totals["year"] >= STUDY_START]
+        missing += study[["annual_balance"]].isna().sum().sum()
+        if (folder / "point_smb.csv").exists():
+            with_points += 1
+            points = pd.read_csv(folder / "point_smb.csv")
+            index_rows += (points["balance_code"] == "index").sum()
+            spin_up_points += (points["year"] < STUDY_START).sum()
+        with_facies += (folder / "facies.nc").exists()
+    assert seasonal and annual_only and shared and next_day and missing
+    assert index_rows and spin_up_points
+    assert 0 < with_points < len(index), "some glaciers have stakes, some do not"
+    assert 0 < with_facies < len(index), "some glaciers have facies maps, some do not"
+
+
+# ---------------------------------------------------------------------------- determinism
+
+
+def _same_dataset(a: Path, b: Path) -> bool:
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    if files_a != files_b:
+        return False
+    for rel in files_a:
+        if rel.suffix in (".csv", ".pkl"):
+            if (a / rel).read_bytes() != (b / rel).read_bytes():
+                return False
+        else:
+            with xr.open_dataset(a / rel) as da, xr.open_dataset(b / rel) as db:
+                if not da.identical(db):
+                    return False
+    return True
+
+
+def test_same_seed_same_data_other_seed_other_data(tiny, tmp_path):
+    # Also in worker processes: every glacier has its own random stream.
+    again = generate(tmp_path / "again", preset="tiny", seed=0, jobs=2)
+    assert _same_dataset(tiny, again)
+    other = generate(tmp_path / "other", preset="tiny", seed=1)
+    assert (other / "index.csv").read_bytes() != (tiny / "index.csv").read_bytes()
+    first = pd.read_csv(other / "index.csv")["name"][0]
+    reference = pd.read_csv(tiny / "index.csv")["name"][0]
+    with xr.open_dataset(other / first / "temperature.nc") as x, \
+            xr.open_dataset(tiny / reference / "temperature.nc") as y:
+        assert not np.array_equal(x["temperature_2m"].values, y["temperature_2m"].values)
+
+
+def test_replaces_only_datasets(tiny, tmp_path):
+    precious = tmp_path / "notes"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        generate(precious, preset="tiny")
+    assert (precious / "thesis.txt").read_text() == "keep me"
+    with pytest.raises(ValueError):
+        generate(tmp_path / "x", preset="huge")
+    target = tmp_path / "data"
+    shutil.copytree(tiny, target)
+    (target / "stale.txt").write_text("from an older dataset")
+    assert synthetic.main([str(target), "--preset", "tiny", "--seed", "0", "--quiet"]) == 0
+    assert not (target / "stale.txt").exists() and _same_dataset(tiny, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "notes"]
+
+
+# --------------------------------------------------------------------------- plausibility
+
+# Annual mean temperature (degC) at the glacier surface, lapse-rate corrected like the models do.
+TEMPERATURE_RANGE = {"ALP": (-9, -2), "SCA": (-7, 0), "ICL": (-4, 3), "SVAL": (-10, -2), "PYR": (-7, 0)}
+ELEVATION_RANGE = {"ALP": (1850, 3700), "SCA": (900, 2100), "ICL": (50, 1800), "SVAL": (30, 1200),
+                   "PYR": (2700, 3450)}
+
+
+def test_climate_and_geometry_plausible(tiny, index):
+    for row in index.itertuples():
+        folder = tiny / row.name
+        with xr.open_dataset(folder / "temperature.nc") as t, \
+                xr.open_dataset(folder / "precipitation.nc") as p, \
+                xr.open_dataset(folder / "orography.nc") as o, \
+                xr.open_dataset(folder / "dem.nc") as d, \
+                xr.open_dataset(folder / "outlines.nc") as m:
+            temperature = t["temperature_2m"].values
+            precipitation = p["total_precipitation_sum"].values
+            orography = o["elevation"].values
+            z, zstd, mask = d["z"].values, d["zstddev"].values, m["outlines"].values == 1
+        glacier = mask[0]
+        surface = temperature.mean(axis=0) + constants.lapse_rate * (z[0] - orography)
+        lo, hi = TEMPERATURE_RANGE[row.region]
+        assert lo < surface[glacier].mean() < hi, f"{row.name}: {surface[glacier].mean():.1f} degC"
+        assert (precipitation >= 0).all() and 0.3 < precipitation.mean() * 365.25 < 5.0
+        wet = (precipitation[:, glacier] > 1e-4).mean()
+        assert 0.25 < wet < 0.8, f"{row.name}: wet-day fraction {wet:.2f}"
+        # Coarse reanalysis: climate and orography constant over blocks of the grid.
+        blocks = np.unique(np.stack([orography, temperature[0], temperature[100]]).reshape(3, -1), axis=1)
+        assert blocks.shape[1] <= row.height * row.width / 4
+        below = z[0][glacier].mean() - orography[glacier].mean()
+        assert 50 < below < 700, f"{row.name}: orography {below:.0f} m below the glacier"
+        lo, hi = ELEVATION_RANGE[row.region]
+        assert lo <= z[0][glacier].min() and z[0][glacier].max() <= hi
+        area = mask.sum(axis=(1, 2))
+        assert (np.diff(area) <= 0).all() and area[-1] < area[0], "outlines retreat"
+        assert (mask[1:] <= mask[:-1]).all(), "no cell becomes glacier again"
+        assert (z[-1][mask[-1]] < z[0][mask[-1]]).all(), "the glacier surface lowers"
+        assert (zstd > 0).all() and zstd[0][~glacier].mean() > zstd[0][glacier].mean()
+
+
+def _study_years(twin) -> np.ndarray:
+    return twin.geometry.years >= STUDY_START
+
+
+def test_balances_plausible(demo_twins):
+    """Truth and observed glacier-wide balances per region resemble observed ones
+    (shared/TWIN_FACTS.md: winter +0.7..+2.5, summer -1..-3.5, annual mostly -0.3..-1.5)."""
+    by_region: dict[str, list[np.ndarray]] = {}
+    observed_error = []
+    for twin in demo_twins:
+        study = _study_years(twin)
+        masks = twin.geometry.mask[study]
+        fields = twin.truth.fields[study]
+        wide = np.array([[fields[k, w][masks[k]].mean() for w in range(3)] for k in range(study.sum())])
+        by_region.setdefault(twin.spec.region, []).append(wide)
+        rows = pd.DataFrame(twin.glacier_wide)
+        observed = rows.loc[study, "annual_balance"].to_numpy(dtype=float)
+        observed_error.append(observed - wide[:, 0])
+        assert wide[:, 0].std() > 0.2, f"{twin.name}: no interannual variability"
+    for region, values in by_region.items():
+        annual, winter, summer = np.concatenate(values).mean(axis=0)
+        assert 0.5 < winter < 2.8, f"{region} winter {winter:.2f}"
+        assert -3.8 < summer < -0.7, f"{region} summer {summer:.2f}"
+        assert -2.0 < annual < 0.4, f"{region} annual {annual:.2f}"
+    everything = np.concatenate([v for values in by_region.values() for v in values])
+    assert -1.5 < everything[:, 0].mean() < -0.1
+    error = np.concatenate(observed_error)
+    error = error[np.isfinite(error)]
+    assert 0.05 < error.std() < 0.25 and abs(error.mean()) < 0.05, "observations = truth + noise"
+
+
+def test_equilibrium_line_within_glacier(demo_twins):
+    """The zero of the mean annual balance-elevation profile lies on the glacier (ELA)."""
+    for twin in demo_twins:
+        glacier = twin.geometry.mask[0]
+        z = twin.geometry.z[0][glacier]
+        balance = twin.truth.fields[_study_years(twin), 0].mean(axis=0)[glacier]
+        slope, intercept = np.polyfit(z, balance, 1)
+        assert slope > 0, f"{twin.name}: balance must increase with elevation"
+        ela = -intercept / slope
+        span = z.max() - z.min()
+        assert z.min() - 0.1 * span < ela < z.max() + 0.1 * span, f"{twin.name}: ELA {ela:.0f} m"
+
+
+def test_truth_parameters_centred_and_spatially_varying(demo_twins):
+    """A global TI model fits on average (parameters centred near the published values) while
+    the parameters vary in space with visible predictors (a corrector has something to learn)."""
+    values: dict[str, list[np.ndarray]] = {"prec_scale": [], "ddf_snow": [], "ddf_relative_ice": []}
+    centres = []
+    for twin in demo_twins:
+        glacier = twin.geometry.mask[0]
+        for name in values:
+            values[name].append(getattr(twin.params, name)[0][glacier])
+        centres.append(twin.params.snow_rain_centre)
+        # Melt factors are higher low on the glacier.
+        z = twin.geometry.z[0][glacier]
+        ddf = twin.params.ddf_snow[0][glacier]
+        assert np.corrcoef(z, ddf)[0, 1] < -0.5
+    means = {name: np.concatenate(v).mean() for name, v in values.items()}
+    assert means["prec_scale"] == pytest.approx(1.38, rel=0.15)
+    assert means["ddf_snow"] == pytest.approx(0.00496, rel=0.15)
+    assert means["ddf_relative_ice"] == pytest.approx(1.51, rel=0.15)
+    assert np.mean(centres) == pytest.approx(0.99, abs=0.5)
+    for name, v in values.items():
+        spread = np.concatenate(v).std() / means[name]
+        assert spread > 0.05, f"{name} hardly varies ({spread:.3f})"
+    # Debris lowers the ice melt factor where it lies.
+    debris = np.concatenate([t.geometry.debris[t.geometry.mask[0]] for t in demo_twins])
+    relative_ice = np.concatenate(values["ddf_relative_ice"])
+    assert debris.max() > 0.5
+    assert relative_ice[debris > 0.5].mean() < relative_ice[debris == 0].mean() - 0.3
+
+
+def test_stakes_are_truth_plus_noise(demo_twins):
+    from dataloader._synthetic_truth import period_weights
+
+    for twin in demo_twins:
+        if not twin.stakes:
+            continue
+        ids = sorted({r["point_id"] for r in twin.stakes})
+        errors = []
+        for row in twin.stakes:
+            s = ids.index(row["point_id"])
+            first = int((row["begin_date"] - synthetic.INTERNAL_START).astype(int))
+            last = int((row["end_date"] - synthetic.INTERNAL_START).astype(int))
+            days = np.arange(first, last + 1)
+            truth = period_weights(days, first, last) @ twin.truth.stake_daily[days, s]
+            errors.append(row["balance"] - truth)
+        errors = np.array(errors)
+        assert 0.05 < errors.std() < 0.25 and abs(errors.mean()) < 0.1, twin.name
+
+
+def test_facies_follow_the_snow_line(tiny, index):
+    """Snow lies above ice on average in every facies map (end-of-summer snow line)."""
+    for row in index.itertuples():
+        folder = tiny / row.name
+        if not (folder / "facies.nc").exists():
+            continue
+        with xr.open_dataset(folder / "facies.nc") as f, xr.open_dataset(folder / "dem.nc") as d:
+            for year in f["year"].values:
+                maps = f["facies"].sel(year=year).values
+                z = d["z"].sel(year=year).values
+                label = np.nanargmax(np.where(np.isnan(maps[:8]), -1, maps[:8]), axis=0)
+                glacier = np.isfinite(maps[0])
+                snow, ice = glacier & (label == 1), glacier & (label == 0)
+                if snow.any() and ice.any():
+                    assert z[snow].mean() > z[ice].mean(), f"{row.name} {year}"
+
+
+# ------------------------------------------------------------------------ project loader
+
+
+def test_loads_with_the_project_dataset(tiny, index):
+    from dataloader import Dataset
+
+    dataset = Dataset(tiny, use_cache=False)
+    assert dataset.names == list(index["name"])
+    for row in index.itertuples():
+        glacier = dataset.glacier(row.name)
+        folder = tiny / row.name
+        years = row.max_year - FIRST_YEAR + 1
+        assert glacier.outlines.shape == (years, row.height, row.width)
+        temperature, precipitation = glacier.climate_fields(0, 29)
+        with xr.open_dataset(folder / "temperature.nc") as t, \
+                xr.open_dataset(folder / "precipitation.nc") as p:
+            assert np.array_equal(temperature, t["temperature_2m"].values[:30])
+            assert np.array_equal(precipitation, p["total_precipitation_sum"].values[:30])
+        points = folder / "point_smb.csv"
+        n_points = len(pd.read_csv(points)) if points.exists() else 0
+        assert len(glacier.stake_balance) == n_points
+        n_facies = 0
+        if (folder / "facies.nc").exists():
+            with xr.open_dataset(folder / "facies.nc") as facies:
+                n_facies = facies.sizes["year"]
+        assert int(np.sum(glacier.has_facies)) == n_facies
+        totals = pd.read_csv(folder / "total_smb.csv")
+        assert int(np.sum(glacier.seasonal)) == int(totals["midseason_date"].notna().sum())
+        assert math.isclose(float(np.nanmean(glacier.glacier_wide[:, 0])),
+                            float(totals["annual_balance"].mean()), abs_tol=1e-3)
