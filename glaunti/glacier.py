@@ -29,8 +29,11 @@ from glaunti.ti_model import TIModel, apply_corrections, ti_day_step
 class GlacierArrays(eqx.Module):
     """Device arrays of one glacier (see ``docs/architecture.md`` for the fields)."""
 
-    temperature_2m: Float[Array, "D H W"]
-    precipitation: Float[Array, "D H W"]
+    # Daily climate as its distinct cell series (reanalysis resampled by nearest neighbour is
+    # constant over blocks of cells): cell (i, j) reads column climate_cell[i, j].
+    temperature_2m: Float[Array, "D C"]
+    precipitation: Float[Array, "D C"]
+    climate_cell: Int[Array, "H W"]
     lapse_offset: Float[Array, "Y H W"]
     outlines: Float[Array, "Y H W"]
     fields: Float[Array, "Y 12 H W"]  # corrector inputs: outlines, z, zstd (normalised), 9 facies bands
@@ -60,7 +63,7 @@ class GlacierArrays(eqx.Module):
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.temperature_2m.shape[1:]
+        return self.climate_cell.shape
 
 
 # Stakes are padded to a multiple of this (with zero weight) so that glaciers of one grid shape
@@ -95,6 +98,7 @@ def make_arrays(tensors, facies: bool = False) -> GlacierArrays:
     return GlacierArrays(
         temperature_2m=f32(tensors.temperature_2m),
         precipitation=f32(tensors.precipitation),
+        climate_cell=i32(tensors.climate_cell),
         lapse_offset=f32(tensors.lapse_offset),
         outlines=f32(tensors.outlines),
         fields=f32(fields),
@@ -152,8 +156,8 @@ def _scan_block(step, state, arrays: GlacierArrays, k, valid, flag, series: bool
         state, acc = carry
         d, w, ok, s, f = x
         # Gather the day's forcing here rather than slicing a (L, H, W) block up front.
-        temperature = arrays.temperature_2m[d] + lapse
-        precipitation = arrays.precipitation[d]
+        temperature = arrays.temperature_2m[d][arrays.climate_cell] + lapse
+        precipitation = arrays.precipitation[d][arrays.climate_cell]
         new_state, smb = step(state, temperature, precipitation, w, f)
         # Padding must keep the old state: softplus_t(s, S) != S and the GRU always moves.
         state = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new_state, state)
