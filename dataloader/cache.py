@@ -30,7 +30,7 @@ import constants
 from dataloader import tensors as T
 
 # Bump whenever the preparation (reader/tensors) changes what ends up in the cache.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: climate stored as distinct cell columns + climate_cell
 
 CACHE_DIR_ENV = "GLAUNTI_CACHE_DIR"
 

@@ -8,8 +8,10 @@ that disagree between files, missing or duplicated years), this reader refuses.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -37,9 +39,14 @@ OPTIONAL_FILES = (POINT_SMB, FACIES)
 # Temperatures at or above this are taken for Kelvin (no glacier sees +200 °C).
 KELVIN_THRESHOLD = 200.0
 
-# Climate is copied in chunks of about this many values so that peak memory stays bounded
-# even for the largest grids (~10 GB per climate variable for 30 years of a 500 × 400 grid).
+# Climate is read in chunks of about this many values (both files together) so that peak memory
+# stays bounded even for the largest grids (~10 GB per climate variable in the files for 30
+# years of a 500 × 400 grid).
 CLIMATE_CHUNK_VALUES = 1 << 24
+
+# The distinct climate columns found while reading are kept in memory up to this many values
+# (both variables together), so that the files are read once; beyond, they are read twice.
+CLIMATE_KEEP_VALUES = 1 << 24
 
 _ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
@@ -105,7 +112,7 @@ def read_glacier(
         glacier_dir: `<data_folder>/<name>`.
         info: its index.csv row.
         normalisation: normalisation_factors.pkl (uses `t_monthly`, `p_monthly`).
-        allocate: where the (D, H, W) climate arrays are written (default: in memory).
+        allocate: where the (D, C) climate columns are written (default: in memory).
 
     Returns:
         The glacier's `GlacierTensors` (docs/architecture.md).
@@ -129,7 +136,9 @@ def read_glacier(
         var = _variable(glacier_dir / OROGRAPHY, ds, "elevation", ("y", "x"), grid)
         orography = _finite(glacier_dir / OROGRAPHY, "elevation", var.values.astype(np.float32))
     facies, has_facies = _read_facies(glacier_dir / FACIES, years, grid)
-    first_date, temperature_2m, precipitation = _read_climate(glacier_dir, grid, allocate)
+    first_date, temperature_2m, precipitation, climate_cell = _read_climate(
+        glacier_dir, grid, allocate
+    )
     begin_day, mid_day, end_day = _season_days(
         glacier_dir / TOTAL_SMB, seasons, first_date, temperature_2m.shape[0]
     )
@@ -142,7 +151,7 @@ def read_glacier(
     n_months = np.zeros(len(years), np.int32)
     for k, year in enumerate(years):
         monthly = T.monthly_climate(
-            temperature_2m, precipitation, lapse_offset[k], outlines[k], first_date,
+            temperature_2m, precipitation, climate_cell, lapse_offset[k], outlines[k], first_date,
             begin_day[k], end_day[k], normalisation["t_monthly"], normalisation["p_monthly"],
         )
         if monthly.shape[1] > T.MAX_MONTHS:
@@ -171,6 +180,7 @@ def read_glacier(
         first_date=first_date,
         temperature_2m=temperature_2m,
         precipitation=precipitation,
+        climate_cell=climate_cell,
         years=years,
         study=years >= constants.study_period_start_year,
         lapse_offset=lapse_offset,
@@ -358,38 +368,148 @@ def _read_facies(path: Path, years: np.ndarray, grid: Grid) -> tuple[np.ndarray,
 
 def _read_climate(
     glacier_dir: Path, grid: Grid, allocate: Allocator
-) -> tuple[np.datetime64, np.ndarray, np.ndarray]:
-    """Daily climate: first date and (D, H, W) float32 temperature_2m and precipitation.
+) -> tuple[np.datetime64, np.ndarray, np.ndarray, np.ndarray]:
+    """Daily climate as its distinct cell series.
 
-    Copied in chunks of days into `allocate`d arrays so that a large glacier never needs a
-    second full copy in memory.
+    The reanalysis is resampled by nearest neighbour onto the glacier grid, so whole blocks of
+    cells carry the same series. Two cells share a column when their temperature and their
+    precipitation series are bit-identical over all days; columns are numbered in the
+    row-major order of their first cell.
+
+    Both files are read once, together, in chunks of days: each chunk refines the partition
+    of the cells (`_refine`) and its class series are kept in memory, so that the columns can
+    be assembled at the end without a second read. If the kept series would exceed
+    CLIMATE_KEEP_VALUES (many distinct columns), they are dropped and the columns are
+    gathered in a second pass over the files instead; peak memory stays bounded either way.
+
+    Returns:
+        first date, (D, C) float32 temperature_2m and precipitation (`allocate`d), and the
+        (H, W) int32 climate_cell map: `temperature_2m[:, climate_cell]` is the file's
+        (D, H, W) array, bit for bit.
     """
     fields = (
         (TEMPERATURE, "temperature_2m", "temperature_2m"),
         (PRECIPITATION, "total_precipitation_sum", "precipitation"),
     )
-    time_axis, arrays = None, []
-    for file_name, variable, field in fields:
-        path = glacier_dir / file_name
-        with open_netcdf(path) as ds:
-            var = _variable(path, ds, variable, ("time", "y", "x"), grid)
-            days = _daily_time_axis(path, ds)
-            if time_axis is None:
-                time_axis = days
-            elif not np.array_equal(days, time_axis):
+    n_cells = grid.shape[0] * grid.shape[1]
+    with contextlib.ExitStack() as stack:
+        paths, variables, days = [], [], None
+        for file_name, variable, _ in fields:
+            path = glacier_dir / file_name
+            ds = stack.enter_context(open_netcdf(path))
+            variables.append(_variable(path, ds, variable, ("time", "y", "x"), grid))
+            file_days = _daily_time_axis(path, ds)
+            if days is None:
+                days = file_days
+            elif not np.array_equal(file_days, days):
                 raise DataError(path, "coordinate 'time'", f"differs from {TEMPERATURE}, expected "
                                 "the same days")
-            out = allocate(field, (len(days), *grid.shape), np.dtype(np.float32))
-            # Whole HDF5 chunks per read: a chunk cut in two would be decompressed twice.
-            file_chunk = (var.encoding.get("chunksizes") or (1,))[0]
-            step = max(1, CLIMATE_CHUNK_VALUES // (grid.shape[0] * grid.shape[1]))
-            step = max(file_chunk, step // file_chunk * file_chunk)
-            for start in range(0, len(days), step):
-                chunk = var[start : start + step].values.astype(np.float32, copy=False)
-                _check_climate_chunk(path, variable, chunk, days[start : start + step])
-                out[start : start + step] = chunk
-            arrays.append(out)
-    return time_axis[0], arrays[0], arrays[1]
+            paths.append(path)
+        windows = _day_windows(variables, len(days), n_cells)
+
+        def read(start: int, stop: int, check: bool) -> list[np.ndarray]:
+            """(days, cells) float32 chunk of each file."""
+            chunks = []
+            for path, (_, variable, _), var in zip(paths, fields, variables):
+                chunk = var[start:stop].values.astype(np.float32, copy=False)
+                if check:
+                    _check_climate_chunk(path, variable, chunk, days[start:stop])
+                chunks.append(chunk.reshape(stop - start, n_cells))
+            return chunks
+
+        # Pass 1: partition the cells; keep (parents, class series) of each chunk while small.
+        labels = np.zeros(n_cells, np.int64)  # class of each cell given the days read so far
+        kept, kept_values = [], 0
+        for start, stop in windows:
+            chunks = read(start, stop, check=True)
+            new_labels, first = _refine(labels, chunks)
+            parents = labels[first]  # class of each new class before this chunk
+            labels = new_labels
+            if kept is not None:
+                kept_values += len(fields) * (stop - start) * len(first)
+                if kept_values <= CLIMATE_KEEP_VALUES:
+                    kept.append((start, stop, parents, [c[:, first] for c in chunks]))
+                else:
+                    kept = None
+            del chunks
+
+        # Columns in the row-major order of their first cell.
+        _, first = np.unique(labels, return_index=True)
+        order = np.argsort(first)  # column c is class order[c] …
+        column_cell = first[order]  # … whose first cell is column_cell[c]
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        climate_cell = rank[labels].astype(np.int32).reshape(grid.shape)
+        out = [allocate(field, (len(days), len(order)), np.dtype(np.float32))
+               for _, _, field in fields]
+        if kept is not None:
+            classes = order  # class after the last chunk of each column; walked back chunk by chunk
+            for start, stop, parents, series in reversed(kept):
+                for target, values in zip(out, series):
+                    target[start:stop] = values[:, classes]
+                classes = parents[classes]
+        else:
+            for start, stop in windows:
+                for target, chunk in zip(out, read(start, stop, check=False)):
+                    target[start:stop] = chunk[:, column_cell]
+    return days[0], out[0], out[1], climate_cell
+
+
+def _day_windows(variables: list[xr.DataArray], n_days: int, n_cells: int) -> list[tuple[int, int]]:
+    """[start, stop) day windows of about CLIMATE_CHUNK_VALUES values for both files together,
+    made of whole HDF5 chunks of both files (a chunk cut in two is decompressed twice)."""
+    file_chunks = [(var.encoding.get("chunksizes") or (1,))[0] for var in variables]
+    file_chunk = math.lcm(*file_chunks)
+    if file_chunk > 8 * max(file_chunks):  # unrelated chunkings: align to the longer one only
+        file_chunk = max(file_chunks)
+    step = max(1, CLIMATE_CHUNK_VALUES // (len(variables) * n_cells))
+    step = max(file_chunk, step // file_chunk * file_chunk)
+    return [(start, min(start + step, n_days)) for start in range(0, n_days, step)]
+
+
+def _refine(labels: np.ndarray, chunks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Split the classes of `labels` (n_cells,) so that two cells stay together only if their
+    columns in every (days, n_cells) chunk are bit-identical (0.0 and −0.0 differ).
+
+    Cells are grouped by a hash of (class, columns) and every group is then checked for exact
+    equality; on a hash collision the chunk is grouped exactly by sorting its columns.
+
+    Returns:
+        (n_cells,) new labels 0 … C−1 and (C,) the first cell of each new class.
+    """
+    bits = [chunk.view(np.uint32) for chunk in chunks]
+    key = labels.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    for i, b in enumerate(bits):
+        key += _column_hash(b, seed=i)
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    representative = first[inverse]
+    same = labels[representative] == labels
+    rows = max(1, (1 << 22) // len(labels))  # bounded temporaries
+    for values in bits:
+        for start in range(0, len(values), rows):
+            block = values[start : start + rows]
+            same &= (np.take(block, representative, axis=1) == block).all(axis=0)
+    if same.all():
+        return inverse, first
+    exact = np.concatenate([labels.astype(np.uint32)[:, None], *(b.T for b in bits)], axis=1)
+    _, first, inverse = np.unique(exact, axis=0, return_index=True, return_inverse=True)
+    return inverse.reshape(-1), first
+
+
+def _column_hash(bits: np.ndarray, seed: int) -> np.ndarray:
+    """(n,) uint64 hash of each column of a (days, n) uint32 array: Σ bits[d] · w[d] mod 2⁶⁴
+    with fixed random odd weights w (a different set per `seed`)."""
+    weights = np.random.default_rng([seed, len(bits)]).integers(
+        0, 1 << 63, size=len(bits), dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    hashed = np.zeros(bits.shape[1], np.uint64)
+    rows = max(1, (1 << 16) // bits.shape[1])
+    buffer = np.empty((rows, bits.shape[1]), np.uint64)
+    for start in range(0, len(bits), rows):
+        block = buffer[: min(rows, len(bits) - start)]
+        np.multiply(bits[start : start + rows], weights[start : start + rows, None], out=block)
+        hashed += block[0] if len(block) == 1 else block.sum(axis=0, dtype=np.uint64)
+    return hashed
 
 
 def _daily_time_axis(path: Path, ds: xr.Dataset) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 Nothing here touches files: `dataloader.reader` reads and validates the files and calls these
 functions; `dataloader.cache` stores and reloads the result. Shapes use Y balance years,
-D climate days, L day-block length, N stakes, H × W grid cells (docs/architecture.md).
+D climate days, C distinct climate columns, L day-block length, N stakes, H × W grid cells
+(docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -46,11 +47,16 @@ class GlacierTensors:
     y: np.ndarray  # (H,) float64 cell-centre northing, decreasing
     crs_wkt: str
     first_date: np.datetime64  # date of climate day 0, datetime64[D]
-    temperature_2m: np.ndarray  # (D, H, W) float32 at orography height
-    precipitation: np.ndarray  # (D, H, W) float32 m w.e. per day
+    # The daily climate is stored as its C distinct cell series (nearest-neighbour resampled
+    # reanalysis is constant over blocks of cells): the (D, H, W) field of a variable is
+    # `variable[:, climate_cell]`, bit for bit; `climate_fields` expands a day range.
+    temperature_2m: np.ndarray  # (D, C) float32 at orography height
+    precipitation: np.ndarray  # (D, C) float32 m w.e. per day
+    climate_cell: np.ndarray  # (H, W) int32 column of each cell, shared by both variables
     years: np.ndarray  # (Y,) int32
     study: np.ndarray  # (Y,) bool
-    lapse_offset: np.ndarray  # (Y, H, W) float32; surface T = temperature_2m[d] + lapse_offset[k]
+    # (Y, H, W) float32; surface T = temperature_2m[d][climate_cell] + lapse_offset[k]
+    lapse_offset: np.ndarray
     outlines: np.ndarray  # (Y, H, W) float32 0/1
     elevation: np.ndarray  # (Y, H, W) float32 m
     elevation_std: np.ndarray  # (Y, H, W) float32 m
@@ -93,10 +99,29 @@ class GlacierTensors:
         """D, the number of climate days."""
         return self.temperature_2m.shape[0]
 
+    def climate_fields(self, first_day: int, last_day: int) -> tuple[np.ndarray, np.ndarray]:
+        """Temperature_2m and precipitation of days first_day … last_day (inclusive) on the grid.
+
+        For plotting and notebooks; the models gather single days themselves.
+
+        Returns:
+            two new (n, H, W) float32 arrays, n = last_day − first_day + 1.
+        """
+        if not 0 <= first_day <= last_day < self.n_days:
+            raise IndexError(f"day range {first_day} … {last_day} is outside 0 … {self.n_days - 1}")
+        days = slice(first_day, last_day + 1)
+        return (expand_climate(self.temperature_2m[days], self.climate_cell),
+                expand_climate(self.precipitation[days], self.climate_cell))
+
     def dates(self, k: int) -> np.ndarray:
         """(L,) datetime64[D]: the date of each block day of year index k, NaT in padding."""
         dates = self.first_date + self.day_index[k].astype("timedelta64[D]")
         return np.where(self.day_valid[k], dates, np.datetime64("NaT", "D"))
+
+
+def expand_climate(columns: np.ndarray, climate_cell: np.ndarray) -> np.ndarray:
+    """(n, C) climate columns → (n, H, W) C-contiguous field (a new array)."""
+    return np.take(columns, climate_cell, axis=1)
 
 
 def array_fields() -> tuple[str, ...]:
@@ -171,6 +196,7 @@ def stake_date_weight(delta_begin: np.ndarray, delta_end: np.ndarray) -> np.ndar
 def monthly_climate(
     temperature_2m: np.ndarray,
     precipitation: np.ndarray,
+    climate_cell: np.ndarray,
     lapse_offset: np.ndarray,
     outlines: np.ndarray,
     first_date: np.datetime64,
@@ -185,10 +211,13 @@ def monthly_climate(
     and last months average only the days present), each month's daily surface temperature
     (temperature_2m + lapse_offset) and precipitation are averaged per cell, then averaged over
     the glacier with the outlines as weights and divided by t_norm and p_norm. float32
-    throughout, in the order a plain numpy/xarray implementation computes it.
+    throughout, in the order a plain numpy/xarray implementation computes it: each month's
+    columns are expanded to the (days, H, W) field first, so the sums run exactly as on the
+    full grid.
 
     Args:
-        temperature_2m, precipitation: (D, H, W) float32 climate of the whole series.
+        temperature_2m, precipitation: (D, C) float32 climate columns of the whole series.
+        climate_cell: (H, W) column of each cell.
         lapse_offset, outlines: (H, W) float32 of the year.
         first_date: date of day 0.
 
@@ -201,8 +230,8 @@ def monthly_climate(
     weight_sum = outlines.sum()
     result = np.empty((2, len(starts)), np.float32)
     for m, (a, b) in enumerate(zip(starts, stops)):
-        t_cells = (temperature_2m[a:b] + lapse_offset).mean(axis=0)
-        p_cells = precipitation[a:b].mean(axis=0)
+        t_cells = (expand_climate(temperature_2m[a:b], climate_cell) + lapse_offset).mean(axis=0)
+        p_cells = expand_climate(precipitation[a:b], climate_cell).mean(axis=0)
         result[0, m] = (t_cells * outlines).sum() / weight_sum / np.float32(t_norm)
         result[1, m] = (p_cells * outlines).sum() / weight_sum / np.float32(p_norm)
     return result

@@ -66,6 +66,10 @@ def test_second_read_comes_from_cache(data, netcdf_reads):
     assert len(netcdf_reads) == 6  # nothing read again
     assert isinstance(second.temperature_2m, np.memmap)  # memory-mapped, not loaded
     assert not second.temperature_2m.flags.writeable
+    # The climate is stored as its 4 distinct cell series, not as (D, H, W) = (3379, 12, 17).
+    assert second.temperature_2m.shape == (3379, 4) and second.climate_cell.shape == (12, 17)
+    size = (data / ".glaunti_cache" / entry / "temperature_2m.npy").stat().st_size
+    assert size < 3379 * 4 * 4 + 1024
     assert_same(first, second)
     assert_same(second, Dataset(data, use_cache=False).glacier(GLACIER))
 

@@ -68,7 +68,9 @@ def test_years_study_and_grid(ferner, syntet, gletscher):
         np.testing.assert_array_equal(g.years, np.arange(1990, 1999))
         np.testing.assert_array_equal(g.study, g.years >= 1995)
         assert g.first_date == np.datetime64("1989-10-01")
-        assert g.temperature_2m.shape == g.precipitation.shape == (3379, h, w)
+        assert g.climate_cell.shape == (h, w) and g.n_days == 3379
+        n_columns = int(g.climate_cell.max()) + 1
+        assert g.temperature_2m.shape == g.precipitation.shape == (3379, n_columns)
         assert g.outlines.shape == g.lapse_offset.shape == (9, h, w)
         assert g.facies.shape == (9, 9, h, w)
         assert g.block_length == 384
@@ -151,8 +153,9 @@ def test_lapse_rate_downscaling_uses_dem_of_balance_year(ferner):
             t2m = float(t.temperature_2m.sel(time=date).values[row, col])
             expected = t2m - 0.0060 * (z - orography)
             d, k = day(date), k_of(year)
-            assert ferner.temperature_2m[d, row, col] == np.float32(t2m)
-            got = ferner.temperature_2m[d, row, col] + ferner.lapse_offset[k, row, col]
+            column = ferner.climate_cell[row, col]
+            assert ferner.temperature_2m[d, column] == np.float32(t2m)
+            got = ferner.temperature_2m[d, column] + ferner.lapse_offset[k, row, col]
             assert got == pytest.approx(expected, rel=1e-6, abs=1e-5)
         # The geometry changes from year to year, so does the offset.
         assert not np.array_equal(ferner.lapse_offset[0], ferner.lapse_offset[8])
