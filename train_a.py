@@ -1,21 +1,10 @@
-"""Calibrate model A (see `python train_a.py --help`)."""
+"""Calibrate model A (the temperature-index model) → params/a.eqx, logs/a.csv. See --help."""
 
 import sys
 
-from core.cli import main_wrapper, train_parser
-from core.run import calibrate
+from core.cli import train_main
 
-
-@main_wrapper
-def main(argv=None):
-    args = train_parser("a").parse_args(argv)
-    calibrate(
-        "a", data_folder=args.data_folder, epochs=args.epochs, learning_rate=args.learning_rate,
-        params_path=args.params_path, log_path=args.log_path, seed=args.seed, resume=args.resume,
-        init_params_path=getattr(args, "init_params_path", None), show_progress=not args.quiet,
-    )
-    return 0
-
+main = train_main("a")
 
 if __name__ == "__main__":
     sys.exit(main())

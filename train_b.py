@@ -1,21 +1,10 @@
-"""Calibrate model B (see `python train_b.py --help`)."""
+"""Calibrate model B (the per-cell GRU baseline) → params/b.eqx, logs/b.csv. See --help."""
 
 import sys
 
-from core.cli import main_wrapper, train_parser
-from core.run import calibrate
+from core.cli import train_main
 
-
-@main_wrapper
-def main(argv=None):
-    args = train_parser("b").parse_args(argv)
-    calibrate(
-        "b", data_folder=args.data_folder, epochs=args.epochs, learning_rate=args.learning_rate,
-        params_path=args.params_path, log_path=args.log_path, seed=args.seed, resume=args.resume,
-        init_params_path=getattr(args, "init_params_path", None), show_progress=not args.quiet,
-    )
-    return 0
-
+main = train_main("b")
 
 if __name__ == "__main__":
     sys.exit(main())

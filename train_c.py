@@ -1,21 +1,10 @@
-"""Calibrate model C (see `python train_c.py --help`)."""
+"""Calibrate model C (GlaUnTI without facies; starts from params/a.eqx) → params/c.eqx, logs/c.csv. See --help."""
 
 import sys
 
-from core.cli import main_wrapper, train_parser
-from core.run import calibrate
+from core.cli import train_main
 
-
-@main_wrapper
-def main(argv=None):
-    args = train_parser("c").parse_args(argv)
-    calibrate(
-        "c", data_folder=args.data_folder, epochs=args.epochs, learning_rate=args.learning_rate,
-        params_path=args.params_path, log_path=args.log_path, seed=args.seed, resume=args.resume,
-        init_params_path=getattr(args, "init_params_path", None), show_progress=not args.quiet,
-    )
-    return 0
-
+main = train_main("c")
 
 if __name__ == "__main__":
     sys.exit(main())

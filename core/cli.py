@@ -8,7 +8,6 @@ import argparse
 import functools
 import os
 import sys
-from pathlib import Path
 
 DEBUG_ENV = "GLAUNTI_DEBUG"
 
@@ -36,6 +35,10 @@ def main_wrapper(main):
 
     @functools.wraps(main)
     def wrapped(argv=None):
+        import jax
+
+        # The published numbers are float32 matmuls; GPUs would otherwise use TF32.
+        jax.config.update("jax_default_matmul_precision", "float32")
         try:
             return main(argv)
         except KeyboardInterrupt:
@@ -74,5 +77,19 @@ def train_parser(model: str) -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_paths(*paths) -> list[Path]:
-    return [Path(p) for p in paths]
+def train_main(model: str):
+    """The ``main`` of ``train_<model>.py``."""
+
+    @main_wrapper
+    def main(argv=None):
+        from core.run import calibrate
+
+        args = train_parser(model).parse_args(argv)
+        calibrate(
+            model, data_folder=args.data_folder, epochs=args.epochs, learning_rate=args.learning_rate,
+            params_path=args.params_path, log_path=args.log_path, seed=args.seed, resume=args.resume,
+            init_params_path=getattr(args, "init_params_path", None), show_progress=not args.quiet,
+        )
+        return 0
+
+    return main

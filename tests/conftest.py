@@ -30,6 +30,18 @@ def tiny_reference_dataset(tmp_path_factory):
     return Dataset(reference_path("tiny_dataset"), cache_dir=tmp_path_factory.mktemp("cache"))
 
 
+@pytest.fixture
+def tiny_reference_copy(tmp_path) -> Path:
+    """A writable copy of the tiny reference dataset (the shared files are read-only)."""
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(reference_path("tiny_dataset"), copy, copy_function=shutil.copyfile)
+    for folder, _, _ in os.walk(copy):
+        os.chmod(folder, 0o755)
+    return copy
+
+
 @pytest.fixture(scope="session")
 def tiny_twin(tmp_path_factory):
     """The synthetic twin's ``tiny`` preset, generated once per session."""

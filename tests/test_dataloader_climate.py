@@ -136,6 +136,7 @@ def test_climate_fields(reference):
     temperature, precipitation = raw_climate(reference.folder / GLACIER)
     t, p = glacier.climate_fields(400, 430)  # inclusive
     assert t.shape == p.shape == (31, 12, 17) and t.dtype == p.dtype == np.float32
+    assert type(t) is type(p) is np.ndarray  # plain arrays, not memmap-typed copies
     np.testing.assert_array_equal(t, temperature[400:431])
     np.testing.assert_array_equal(p, precipitation[400:431])
     t[0, 0, 0] = 99.0  # a new array: the cached columns are untouched

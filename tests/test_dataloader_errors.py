@@ -11,22 +11,12 @@ import xarray as xr
 
 from dataloader import Dataset, DataError
 
-TINY = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "tiny_dataset"
 GLACIER = "Synth Ferner"
 
 
 @pytest.fixture
-def data(tmp_path) -> Path:
-    """A writable copy of the tiny dataset (the reference files are read-only)."""
-    if not TINY.is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"reference dataset missing at {TINY} (CI=true)")
-        pytest.skip(f"reference dataset not found at {TINY}")
-    copy = tmp_path / "data"
-    shutil.copytree(TINY, copy, copy_function=shutil.copyfile)
-    for folder, _, _ in os.walk(copy):
-        os.chmod(folder, 0o755)
-    return copy
+def data(tiny_reference_copy) -> Path:
+    return tiny_reference_copy
 
 
 def edit_netcdf(path: Path, change) -> None:
