@@ -121,7 +121,7 @@ class GlacierTensors:
 
 def expand_climate(columns: np.ndarray, climate_cell: np.ndarray) -> np.ndarray:
     """(n, C) climate columns → (n, H, W) C-contiguous field (a new array)."""
-    return np.take(columns, climate_cell, axis=1)
+    return np.take(np.asarray(columns), climate_cell, axis=1)
 
 
 def array_fields() -> tuple[str, ...]:

@@ -2,7 +2,6 @@
 changes, nothing cached from a failed read, location overrides."""
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np

@@ -1,8 +1,6 @@
 """Bad input: a copy of the tiny dataset, broken in one place, must raise DataError naming the
 file and the field."""
 
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np

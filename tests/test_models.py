@@ -8,7 +8,6 @@ where it is missing, failed under CI=true (a path mistake must not turn them int
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import equinox as eqx

@@ -7,7 +7,6 @@ fail under CI=true.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import jax
