@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from core.cli import add_data_folder, main_wrapper
+from core.cli import add_data_folder, main_wrapper, non_negative_int, positive_float
 
 
 def parser():
@@ -14,8 +14,8 @@ def parser():
                    help="Final params path (.eqx); default params/a_<glacier>.eqx")
     p.add_argument("--log_path", default=None, help="Log path (.csv); default logs/a_<glacier>.csv")
     add_data_folder(p)
-    p.add_argument("--epochs", type=int, default=250, help="Number of epochs (default 250)")
-    p.add_argument("--learning_rate", type=float, default=1e-2, help="Learning rate (default 1e-2)")
+    p.add_argument("--epochs", type=non_negative_int, default=250, help="Number of epochs (default 250)")
+    p.add_argument("--learning_rate", type=positive_float, default=1e-2, help="Learning rate (default 1e-2)")
     p.add_argument("--train_years", type=int, nargs=2, default=(1995, 2012), metavar=("FIRST", "LAST"),
                    help="Study years used for training (default 1995 2012)")
     p.add_argument("--val_years", type=int, nargs=2, default=(2013, 2018), metavar=("FIRST", "LAST"),

@@ -26,8 +26,14 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from dataloader.errors import DataError
     from glaunti.params import ParamsError
 
-    return (DataError, ParamsError, TrainingError, OutputError, SummaryError, FileNotFoundError,
-            PermissionError, ValueError)
+    # OSError: a full disk, a vanished mount or an unwritable path is the environment, not a bug.
+    return (DataError, ParamsError, TrainingError, OutputError, SummaryError, OSError, ValueError)
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (a message quoted from a library may span several)."""
+    text = " ".join(part.strip() for part in str(err).splitlines() if part.strip())
+    return text or type(err).__name__
 
 
 def main_wrapper(main):
@@ -47,10 +53,32 @@ def main_wrapper(main):
         except expected_errors() as err:
             if os.environ.get(DEBUG_ENV):
                 raise
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {one_line(err)}", file=sys.stderr)
             return 2
 
     return wrapped
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer ≥ 0 (a number of epochs)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative, expected ≥ 0")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (a learning rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite positive number")
+    return value
 
 
 def train_parser(model: str) -> argparse.ArgumentParser:
@@ -62,8 +90,10 @@ def train_parser(model: str) -> argparse.ArgumentParser:
         f"keeps the best validation epoch.",
     )
     add_data_folder(parser)
-    parser.add_argument("--epochs", type=int, default=epochs, help=f"Number of epochs (default {epochs})")
-    parser.add_argument("--learning_rate", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    parser.add_argument("--epochs", type=non_negative_int, default=epochs,
+                        help=f"Number of epochs (default {epochs})")
+    parser.add_argument("--learning_rate", type=positive_float, default=1e-3,
+                        help="Adam learning rate (default 1e-3)")
     parser.add_argument("--params_path", default=f"params/{model}.eqx", help="Output params path (.eqx)")
     parser.add_argument("--log_path", default=f"logs/{model}.csv", help="Output log path (.csv)")
     parser.add_argument("--seed", type=int, default=0, help="Random seed of the initialisation")

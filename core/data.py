@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import equinox as eqx
 import jax
@@ -22,38 +22,62 @@ def nbytes(arrays: GlacierArrays) -> int:
 
 
 def with_study_years(arrays: GlacierArrays, years: np.ndarray, first: int, last: int) -> GlacierArrays:
-    """The same glacier with only study years in [first, last] scored (others still run)."""
+    """The same glacier with only study years in [first, last] scored (others still run).
+    ``years`` are the glacier's real years; padded years of a training layout stay unscored."""
+    years = np.asarray(years)
+    years = np.concatenate([years, np.full(arrays.n_years - len(years), -1, years.dtype)])
     keep = (years >= first) & (years <= last)
     return eqx.tree_at(lambda a: a.study, arrays, arrays.study & keep)
 
 
 class GlacierSet:
-    """A re-iterable set of glaciers: ``for name, arrays in glacier_set()``."""
+    """A re-iterable set of glaciers: ``for name, arrays in glacier_set()``.
+
+    ``layout`` is the ``glaunti.glacier`` layout of the arrays ("exact", or the training layouts
+    "padded"/"cells" that share compiled functions between glaciers). Glaciers stay resident
+    (on their device) while their arrays add up to less than ``resident_bytes``; the others
+    are re-read from the memory-mapped cache when needed, so host memory does not grow with the
+    number of glaciers. The trainer asks for this process's glaciers only, each on its device,
+    through :meth:`iter_placed`.
+    """
 
     def __init__(self, dataset: Dataset, names: Sequence[str], facies: bool,
                  resident_bytes: int = DEFAULT_RESIDENT_BYTES,
-                 transform: Callable[[str, GlacierArrays], GlacierArrays] | None = None):
+                 transform: Callable[[str, GlacierArrays], GlacierArrays] | None = None,
+                 layout: str = "exact"):
         self.dataset, self.names, self.facies = dataset, list(names), facies
-        self.budget, self.transform = resident_bytes, transform
+        self.budget, self.transform, self.layout = resident_bytes, transform, layout
         self._resident: dict[str, GlacierArrays] = {}
         self._used = 0
 
+    def _make(self, name, tensors, device=None) -> GlacierArrays:
+        arrays = make_arrays(tensors, facies=self.facies, layout=self.layout, device=device)
+        if self.transform is not None:
+            arrays = self.transform(name, arrays)
+        size = nbytes(arrays)
+        if self._used + size <= self.budget:
+            self._resident[name] = arrays
+            self._used += size
+        return arrays
+
     def __call__(self) -> Iterable[tuple[str, GlacierArrays]]:
-        missing = [n for n in self.names if n not in self._resident]
-        fresh = iter(self.dataset.iter_glaciers(missing)) if missing else iter(())
-        for name in self.names:
-            if name in self._resident:
-                yield name, self._resident[name]
-                continue
-            tensors = next(fresh)
-            arrays = make_arrays(tensors, facies=self.facies)
-            if self.transform is not None:
-                arrays = self.transform(name, arrays)
-            size = nbytes(arrays)
-            if self._used + size <= self.budget:
-                self._resident[name] = arrays
-                self._used += size
+        for _, name, arrays in self.iter_placed([(i, None) for i in range(len(self.names))]):
             yield name, arrays
+
+    def iter_placed(self, placed: Sequence[tuple[int, object]]) -> Iterator[tuple[int, str, GlacierArrays]]:
+        """``(i, name, arrays)`` for the given ``(index, device)`` pairs, arrays on ``device``
+        (None: JAX's default device)."""
+        placed = list(placed)
+        missing = [self.names[i] for i, _ in placed if self.names[i] not in self._resident]
+        fresh = iter(self.dataset.iter_glaciers(missing)) if missing else iter(())
+        for i, device in placed:
+            name = self.names[i]
+            arrays = self._resident.get(name)
+            if arrays is None:
+                arrays = self._make(name, next(fresh), device)
+            elif device is not None:
+                arrays = jax.device_put(arrays, device)  # no-op when already there
+            yield i, name, arrays
 
     def __len__(self) -> int:
         return len(self.names)

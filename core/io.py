@@ -5,9 +5,11 @@ of one."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -26,22 +28,82 @@ def _check_writable_dir(path: Path) -> None:
         raise OutputError(f"{path}: output folder {folder} is not writable")
 
 
+def check_output_paths(**paths: str | os.PathLike | None) -> None:
+    """Fail before any work if an output cannot be written: each path (keyword = its option
+    name; None is skipped) must not be a directory, its first existing ancestor must be a
+    writable directory, and no two outputs may be the same file. Creates nothing."""
+    seen: dict[Path, str] = {}
+    for option, path in paths.items():
+        if path is None:
+            continue
+        names_folder = str(path).endswith(("/", os.sep))  # Path() would drop the slash
+        path = Path(path)
+        if names_folder or path.is_dir():
+            raise OutputError(f"{path}: {option} is a directory, expected a file path")
+        ancestor = path.parent if str(path.parent) else Path(".")
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise OutputError(f"{path}: {option} cannot be created, {ancestor} is a file, not a folder")
+        if not os.access(ancestor, os.W_OK):
+            raise OutputError(f"{path}: {option} cannot be created, folder {ancestor} is not writable")
+        key = path.resolve()
+        if key in seen:
+            raise OutputError(f"{path}: {option} is the same file as {seen[key]}, expected distinct outputs")
+        seen[key] = option
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the destination's folder; rename it onto ``path`` on success,
-    delete it on failure."""
+    delete it on failure. The temporary file is flushed to disk before the rename, so that
+    even a power cut leaves the previous file or the complete new one."""
     path = Path(path)
     _check_writable_dir(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    if path.is_dir():
+        raise OutputError(f"{path}: is a directory, expected a file path")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    except OSError as err:
+        raise OutputError(f"{path}: cannot create a file in {path.parent} ({err.strerror})") from None
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
-        os.replace(tmp, path)
+        _fsync(tmp)
+        try:
+            os.replace(tmp, path)
+        except OSError as err:
+            raise OutputError(f"{path}: cannot be replaced ({err.strerror})") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+    remove_abandoned_temporaries(path)
+
+
+# A temporary file untouched for this long belongs to a killed process (a live writer, even of
+# a large NetCDF, touches its file far more often).
+ABANDONED_AFTER_S = 3600
+
+
+def remove_abandoned_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete ``.<name>.*.tmp`` files next to ``path`` that a killed writer left behind
+    (older than ABANDONED_AFTER_S); returns them."""
+    path = Path(path)
+    removed = []
+    now = time.time()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime > ABANDONED_AFTER_S:
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:

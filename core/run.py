@@ -6,41 +6,64 @@ from pathlib import Path
 
 import numpy as np
 
+from core import distributed
 from core.data import GlacierSet, with_study_years
 from core.evaluation import evaluate
 from core.inference import iter_daily_smb, write_netcdf
-from core.io import atomic_write_json
-from core.models import initial_model, load_model, uses_facies
+from core.io import atomic_write_json, check_output_paths
+from core.models import STARTS_FROM, initial_model, load_model, uses_facies
 from core.training import TrainConfig, train
-from dataloader import Dataset, resolve_data_folder
-from glaunti.glacier import make_arrays
+from dataloader import DataError, Dataset, resolve_data_folder
+from glaunti.glacier import layout_for, make_arrays
+from glaunti.params import load_params
 
 
 def calibrate(model_name: str, data_folder=None, epochs=50, learning_rate=1e-3,
               params_path=None, log_path=None, seed=0, resume=False, init_params_path=None,
               show_progress=True):
-    """Train model ``model_name`` on the training folds; returns (best model, final state)."""
+    """Train model ``model_name`` on the training folds; returns (best model, final state).
+
+    Everything that can be checked cheaply is checked before the first compilation: the output
+    paths, the starting parameters and every training and validation glacier (read once into
+    the tensor cache), so that bad input fails in seconds, not after hours of training.
+    """
+    params_path = Path(params_path or f"params/{model_name}.eqx")
+    log_path = Path(log_path or f"logs/{model_name}.csv")
+    check_output_paths(params_path=params_path, log_path=log_path)
+    distributed.setup()  # devices, processes, compilation cache (docs/performance.md)
     dataset = Dataset(resolve_data_folder(data_folder))
+    if model_name in STARTS_FROM:  # initial_model loads it again, after the slow checks
+        base = STARTS_FROM[model_name]
+        start = Path(init_params_path or f"params/{base}.eqx")
+        if not start.is_file():
+            raise FileNotFoundError(f"{start}: model {model_name.upper()} starts from calibrated "
+                                    f"model {base.upper()}; run train_{base}.py first (or pass its "
+                                    "params file)")
+        load_params(base, start)
+    _check_glaciers(dataset, dataset.val_names, dataset.train_names)
     model = initial_model(model_name, seed=seed, start_path=init_params_path)
     facies = uses_facies(model_name)
     config = TrainConfig(
-        epochs=epochs, learning_rate=learning_rate,
-        params_path=Path(params_path or f"params/{model_name}.eqx"),
-        log_path=Path(log_path or f"logs/{model_name}.csv"),
+        epochs=epochs, learning_rate=learning_rate, params_path=params_path, log_path=log_path,
         resume=resume, show_progress=show_progress,
     )
-    train_set = GlacierSet(dataset, dataset.train_names, facies)
-    val_set = GlacierSet(dataset, dataset.val_names, facies)
+    # Training layouts: glaciers share compiled functions (glaunti.glacier.LAYOUTS).
+    layout = layout_for(model)
+    train_set = GlacierSet(dataset, dataset.train_names, facies, layout=layout)
+    val_set = GlacierSet(dataset, dataset.val_names, facies, layout=layout)
     return train(model, train_set, val_set, config)
 
 
 def infer_and_evaluate(model_name: str, glacier: str, smb_path, eval_path, params_path=None,
                        data_folder=None, unfreeze_ti=False, model=None):
     """Daily SMB NetCDF + evaluation JSON of one glacier; returns the evaluation dict."""
+    check_output_paths(smb_path=smb_path, eval_path=eval_path)
+    distributed.setup()
     dataset = Dataset(resolve_data_folder(data_folder))
-    tensors = dataset.glacier(glacier)
+    dataset.info(glacier)  # an unknown name fails before anything is loaded
     if model is None:
         model = load_model(model_name, params_path or f"params/{model_name}.eqx", unfreeze_ti)
+    tensors = dataset.glacier(glacier)
     arrays = make_arrays(tensors, facies=uses_facies(model_name))
     first_day, n_days = write_netcdf(smb_path, tensors, iter_daily_smb(model, arrays, tensors), model_name)
     import netCDF4
@@ -51,6 +74,17 @@ def infer_and_evaluate(model_name: str, glacier: str, smb_path, eval_path, param
         result = evaluate(tensors, _Lazy(daily), first_day)
     atomic_write_json(eval_path, result)
     return result
+
+
+def _check_glaciers(dataset: Dataset, val_names, train_names) -> None:
+    """Read every glacier of both sets once (filling the tensor cache, so later epochs only
+    memory-map it): a bad file fails now, with its message, before any compilation."""
+    for label, names in (("validation", val_names), ("training", train_names)):
+        if not names:
+            raise DataError(dataset.index_path, "column 'fold'",
+                            f"gives no {label} glacier, expected at least one")
+    for tensors in dataset.iter_glaciers([*val_names, *train_names]):
+        del tensors
 
 
 class _Lazy:
@@ -68,22 +102,25 @@ def finetune(glacier: str, data_folder=None, init_params_path="params/a.eqx",
              train_years=(1995, 2012), val_years=(2013, 2018), resume=False, show_progress=True):
     """Per-glacier transfer learning of model A (MODEL.md §7): train on ``train_years``, keep the
     epoch that is best on ``val_years``."""
+    safe = glacier.replace(" ", "_")
+    final_params_path = Path(final_params_path or f"params/a_{safe}.eqx")
+    log_path = Path(log_path or f"logs/a_{safe}.csv")
+    check_output_paths(final_params_path=final_params_path, log_path=log_path)
+    distributed.setup()
     dataset = Dataset(resolve_data_folder(data_folder))
+    dataset.info(glacier)
+    model = load_model("a", init_params_path)
     tensors = dataset.glacier(glacier)
     years = np.asarray(tensors.years)
     for label, (first, last) in (("training", train_years), ("validation", val_years)):
         if not np.any(tensors.study & (years >= first) & (years <= last)):
             raise ValueError(f"{glacier}: no study years in the {label} window {first}–{last} "
                              f"(study years {int(years[tensors.study].min())}–{int(years.max())})")
-    model = load_model("a", init_params_path)
-    arrays = make_arrays(tensors)
+    arrays = make_arrays(tensors, layout=layout_for(model))  # shares compiled functions
     train_arrays = with_study_years(arrays, years, *train_years)
     val_arrays = with_study_years(arrays, years, *val_years)
-    safe = glacier.replace(" ", "_")
     config = TrainConfig(
-        epochs=epochs, learning_rate=learning_rate,
-        params_path=Path(final_params_path or f"params/a_{safe}.eqx"),
-        log_path=Path(log_path or f"logs/a_{safe}.csv"),
+        epochs=epochs, learning_rate=learning_rate, params_path=final_params_path, log_path=log_path,
         resume=resume, show_progress=show_progress,
     )
     return train(model, lambda: [(glacier, train_arrays)], lambda: [(glacier, val_arrays)], config)

@@ -94,10 +94,16 @@ def open_netcdf(path: Path) -> xr.Dataset:
     """Open a NetCDF file lazily; the single entry point for NetCDF reads (tests count calls)."""
     if not path.is_file():
         raise DataError(path, None, "is missing (required file)")
+    if path.stat().st_size == 0:
+        raise DataError(path, None, "is empty (0 bytes), expected a NetCDF-4 file")
     try:
         return xr.open_dataset(path)
     except Exception as error:  # the backends raise many types for unreadable files
-        raise DataError(path, None, f"could not be read as NetCDF ({error})") from error
+        # First line only: some backends explain at length, the message must stay one line.
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if "did not find a match" in reason:  # xarray: no backend recognises the bytes
+            reason = "no NetCDF backend recognises its format"
+        raise DataError(path, None, f"could not be read as NetCDF ({reason})") from error
 
 
 def read_glacier(

@@ -16,8 +16,11 @@ from our modules, and can be checked against the published manifest.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import equinox as eqx
@@ -136,6 +139,11 @@ def load_params(model, path):
                     f"{path}: array {i + 1} is {value.shape} {value.dtype} but {what} expects "
                     f"{leaf_path} to be {expected[0]} {expected[1]} — a file of another model?"
                 )
+            if np.issubdtype(value.dtype, np.inexact) and not np.isfinite(value).all():
+                raise ParamsError(
+                    f"{path}: array {i + 1} ({leaf_path}) contains NaN or inf, expected finite "
+                    f"parameters of {what}"
+                )
             values.append(jnp.asarray(value))
         if f.read(1):
             raise ParamsError(
@@ -162,3 +170,17 @@ def save_params(model, path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _remove_abandoned_temporaries(path)
+
+
+# As core.io.ABANDONED_AFTER_S (glaunti does not depend on core).
+_ABANDONED_AFTER_S = 3600
+
+
+def _remove_abandoned_temporaries(path: Path) -> None:
+    """Delete ``.<name>.*.tmp`` files next to ``path`` left by a killed writer (older than an hour)."""
+    now = time.time()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime > _ABANDONED_AFTER_S:
+                tmp.unlink()

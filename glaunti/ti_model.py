@@ -120,6 +120,108 @@ def ti_day_step(p: TIParams, swe, temperature, precipitation, weight, temperatur
     return swe_new, smb_day
 
 
+def _sum_to(g, like):
+    """Reduce a broadcast cotangent ``g`` to the shape of ``like`` (scalar or per-cell field)."""
+    shape = jnp.shape(like)
+    if g.shape == shape:
+        return g
+    axes = tuple(range(g.ndim - len(shape)))
+    g = jnp.sum(g, axis=axes) if axes else g
+    keep = tuple(i for i, (a, b) in enumerate(zip(g.shape, shape)) if a != b)
+    return jnp.sum(g, axis=keep, keepdims=True).reshape(shape) if keep else g.reshape(shape)
+
+
+@jax.custom_vjp
+def ti_day_step_vjp(p: TIParams, swe, temperature, precipitation, weight, temperature_shift):
+    """:func:`ti_day_step` with a hand-written reverse-mode derivative (training only).
+
+    The forward pass is :func:`ti_day_step` itself (bit-identical). The backward pass reuses
+    the forward's intermediate values (sigmoid of the snow fraction, the two softplus slopes,
+    the snow-cover fraction) instead of differentiating each operation, which removes most of
+    the transcendental functions autodiff would evaluate. Forward-mode (``jax.jvp``) is not
+    defined for it: analysis code differentiating the climate uses :func:`ti_day_step`.
+    ``temperature_shift`` must be an array (zeros for model A).
+    """
+    return ti_day_step(p, swe, temperature, precipitation, weight, temperature_shift)
+
+
+def _ti_fwd(p, swe, temperature, precipitation, weight, temperature_shift):
+    swe_new, smb = ti_day_step(p, swe, temperature, precipitation, weight, temperature_shift)
+    # The slopes the backward pass needs (the outputs above are computed exactly as in the
+    # forward-only step, so they are bit-identical to it).
+    sig = jax.nn.sigmoid(p.snow_to_rain_steepness * (p.snow_to_rain_centre - temperature))
+    t_melt = temperature if temperature_shift is None else temperature + temperature_shift
+    t_pos = softplus_t(p.t_softplus_sharpness, t_melt)
+    slope_t = jax.nn.sigmoid(p.t_softplus_sharpness * t_melt)
+    f_snow = hill(p.snow_depletion_steepness, p.snow_depletion_centre, swe)
+    solid = precipitation * sig
+    accumulation = p.prec_scale * solid
+    snow_melt = f_snow * t_pos
+    u = swe + weight * (accumulation - p.ddf_snow * snow_melt)
+    slope_s = jax.nn.sigmoid(p.swe_softplus_sharpness * u)
+    res = (p, swe, temperature, precipitation, weight, temperature_shift, sig, t_pos, slope_t,
+           f_snow, u, slope_s, swe_new)
+    return (swe_new, smb), res
+
+
+def _ti_bwd(res, cotangents):
+    p, swe, temperature, precipitation, weight, shift, sig, t_pos, slope_t, f_snow, u, slope_s, \
+        swe_new = res
+    g_swe_new, g_smb = cotangents
+    w = weight
+    ri, ddf, ps = p.ddf_relative_ice, p.ddf_snow, p.prec_scale
+    solid = precipitation * sig
+    accumulation = ps * solid
+    snow_melt = f_snow * t_pos
+    ice_melt = ri * ((1.0 - f_snow) * t_pos)
+
+    g_u = g_swe_new * slope_s
+    g_ss = g_swe_new * (u * slope_s - swe_new) / p.swe_softplus_sharpness
+    g_acc = (g_smb + g_u) * w
+    g_ddf = -w * (g_smb * (snow_melt + ice_melt) + g_u * snow_melt)
+    g_sm = -(g_smb + g_u) * w * ddf
+    g_im = -g_smb * w * ddf
+    g_w = g_smb * (accumulation - ddf * (snow_melt + ice_melt)) + g_u * (accumulation - ddf * snow_melt)
+    g_ps = g_acc * solid
+    g_solid = g_acc * ps
+    g_f = g_sm * t_pos - g_im * ri * t_pos
+    g_tp = g_sm * f_snow + g_im * ri * (1.0 - f_snow)
+    g_ri = g_im * (1.0 - f_snow) * t_pos
+    g_p = g_solid * sig
+    g_a = g_solid * precipitation * sig * (1.0 - sig)
+    g_k = g_a * (p.snow_to_rain_centre - temperature)
+    g_c = g_a * p.snow_to_rain_steepness
+    g_tm = g_tp * slope_t
+    t_melt = temperature if shift is None else temperature + shift
+    g_st = g_tp * (t_melt * slope_t - t_pos) / p.t_softplus_sharpness
+    g_t = g_tm - g_a * p.snow_to_rain_steepness
+    # Hill curve f = S^h / (S^h + c^h): df/dS = h f (1 − f) / S, df/dh = f (1 − f) log(S/c),
+    # df/dc = −h f (1 − f) / c (all 0 where S = 0, as f is flat there for h > 1).
+    fp = g_f * f_snow * (1.0 - f_snow)
+    h, c = p.snow_depletion_steepness, p.snow_depletion_centre
+    positive = swe > 0
+    safe = jnp.where(positive, swe, 1.0)
+    g_swe = g_u + jnp.where(positive, fp * h / safe, 0.0)
+    g_h = jnp.where(positive, fp * (jnp.log(safe) - jnp.log(c)), 0.0)
+    g_cc = -fp * h / c
+    g_p_params = TIParams(
+        prec_scale=_sum_to(g_ps, p.prec_scale),
+        ddf_snow=_sum_to(g_ddf, p.ddf_snow),
+        ddf_relative_ice=_sum_to(g_ri, p.ddf_relative_ice),
+        snow_to_rain_steepness=_sum_to(g_k, p.snow_to_rain_steepness),
+        snow_to_rain_centre=_sum_to(g_c, p.snow_to_rain_centre),
+        snow_depletion_steepness=_sum_to(g_h, p.snow_depletion_steepness),
+        snow_depletion_centre=_sum_to(g_cc, p.snow_depletion_centre),
+        t_softplus_sharpness=_sum_to(g_st, p.t_softplus_sharpness),
+        swe_softplus_sharpness=_sum_to(g_ss, p.swe_softplus_sharpness),
+    )
+    return (g_p_params, _sum_to(g_swe, swe), _sum_to(g_t, temperature), _sum_to(g_p, precipitation),
+            _sum_to(g_w, weight), None if shift is None else _sum_to(g_tm, shift))
+
+
+ti_day_step_vjp.defvjp(_ti_fwd, _ti_bwd)
+
+
 def default_weights(n_days: int, valid=None) -> Float[Array, " T"]:
     """Day weights of one period: 1, with ½ on the first and last (valid) day.
 

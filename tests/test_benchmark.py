@@ -1,0 +1,31 @@
+"""The benchmark script keeps working (a reduced run: tiny twin, one model, one epoch).
+
+It measures nothing here: timings belong to benchmarks/benchmark.py runs (docs/performance.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_runs_and_writes_json(tiny_twin, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "benchmark.py"), "--data_folder", str(tiny_twin),
+         "--models", "a", "--epochs", "1", "--glaciers", "1", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cell_days_per_s" in proc.stdout  # the table
+    report = json.loads(out.read_text())
+    assert report["machine"]["cpus"] >= 1
+    (result,) = report["results"]
+    assert result["model"] == "a" and result["glaciers"] == 1
+    for key in ("compile_s", "epoch_s", "cell_days_per_s", "inference_s_per_glacier_year",
+                "peak_host_rss_mb", "floor_s", "epoch_over_floor", "bandwidth_bytes_per_s"):
+        assert result[key] > 0, key
+    assert len(result["epochs_s"]) == 2
