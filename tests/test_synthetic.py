@@ -36,9 +36,10 @@ STUDY_START = constants.study_period_start_year
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_twin) -> Path:
-    """The tiny preset, seed 0 (generated once per session by tests/conftest.py)."""
-    return tiny_twin
+def tiny(tmp_path_factory) -> Path:
+    """A pristine tiny preset, seed 0, of this module's own: the session-wide ``tiny_twin`` also
+    holds the tensor caches that other tests' runs leave in it."""
+    return generate(tmp_path_factory.mktemp("pristine") / "tiny", preset="tiny", seed=0)
 
 
 @pytest.fixture(scope="module")
