@@ -9,7 +9,6 @@ half-weighted values (MODEL.md §9.3). Only one year of daily fields is in memor
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import Iterator
 
 import equinox as eqx

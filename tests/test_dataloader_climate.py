@@ -3,8 +3,6 @@
 (D, H, W) arrays bit for bit, read here directly with xarray, for any data and whichever path
 the reader takes (one pass, several windows, second pass, hash collisions)."""
 
-import os
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +12,6 @@ import xarray as xr
 
 import dataloader.reader as reader
 from dataloader import Dataset
-from conftest import reference_path
 
 GLACIER = "Synth Ferner"
 
@@ -49,18 +46,14 @@ def check_columns(glacier, folder: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return Dataset(reference_path("tiny_dataset"), cache_dir=tmp_path_factory.mktemp("cache"))
+def reference(tiny_reference_dataset):
+    return tiny_reference_dataset
 
 
 @pytest.fixture
-def data(tmp_path) -> Path:
+def data(tiny_reference_copy) -> Path:
     """A writable copy of the tiny reference dataset."""
-    copy = tmp_path / "data"
-    shutil.copytree(reference_path("tiny_dataset"), copy, copy_function=shutil.copyfile)
-    for folder, _, _ in os.walk(copy):
-        os.chmod(folder, 0o755)
-    return copy
+    return tiny_reference_copy
 
 
 def edit_variable(path: Path, variable: str, change) -> None:

@@ -25,7 +25,7 @@ import core.training
 import finetune
 import train_a
 import train_b
-from core.io import OutputError, atomic_path, atomic_write, atomic_write_json, atomic_write_text
+from core.io import OutputError, atomic_write, atomic_write_json, atomic_write_text
 from core.models import load_model, skeleton
 from dataloader import DataError, Dataset
 from glaunti.params import load_params, save_params
