@@ -21,7 +21,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 import constants
-from glaunti.gru_model import GRUModel, gru_cells_step, gru_inputs
+from glaunti.gru_model import GRUModel, gru_day_step, gru_inputs
 from glaunti.ti_corr_model import GlaUnTI
 import contextlib
 import os
@@ -269,12 +269,6 @@ def make_arrays(tensors, facies: bool = False, *, layout: str = "exact", device=
     else:
         h = {k: jnp.asarray(v) for k, v in h.items()}
     return GlacierArrays(**h, n_spinup=n_spinup)
-
-
-def gru_day_step(model: GRUModel, h, x, weight, skip):
-    """One GRU day for all cells: h (N, 16), x (N, 2) → (h, smb (N,))."""
-    h = jnp.where(skip, h, gru_cells_step(model.rnn, x, h))
-    return h, weight * (h @ model.out.weight.T + model.out.bias)[:, 0]
 
 
 class GlacierRun(NamedTuple):

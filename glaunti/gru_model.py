@@ -34,6 +34,13 @@ def gru_cells_step(cell: eqx.nn.GRUCell, x: Float[Array, "N 2"], h: Float[Array,
     return new + update * (h - new)
 
 
+def gru_day_step(model: "GRUModel", h: Float[Array, "N 16"], x: Float[Array, "N 2"], weight, skip):
+    """One GRU day for all cells → (h (N, 16), smb (N,)); a skipped day keeps ``h`` but still
+    outputs ``weight · Linear(h)`` (the continuation rule)."""
+    h = jnp.where(skip, h, gru_cells_step(model.rnn, x, h))
+    return h, weight * (h @ model.out.weight.T + model.out.bias)[:, 0]
+
+
 def gru_inputs(temperature, precipitation) -> Float[Array, "... 2"]:
     """Per-day GRU input ``[P / p_norm, T / t_norm]`` stacked on the last axis."""
     return jnp.stack(
@@ -114,10 +121,8 @@ class GRUModel(eqx.Module):
         @jax.checkpoint
         def day(h, x):
             x_day, w, skip, ok = x
-            h_new = jnp.where(skip | ~ok, h, gru_cells_step(self.rnn, x_day, h))
-            y = (h_new @ self.out.weight.T + self.out.bias)[:, 0]
-            smb_day = jnp.where(ok, w * y, 0.0)
-            return h_new, smb_day
+            h_new, smb_day = gru_day_step(self, h, x_day, w, skip | ~ok)
+            return h_new, jnp.where(ok, smb_day, 0.0)
 
         if return_series:
             h, series = jax.lax.scan(day, h0, xs)
