@@ -18,6 +18,7 @@ from core.models import DESCRIPTIONS, MODELS, STARTS_FROM
 from core.run import calibrate, infer_and_evaluate
 from core.summarise import format_table, summarise
 from dataloader import Dataset
+from dataloader.synthetic import PRESETS
 
 EPOCHS = {"a": 50, "b": 100, "c": 50, "d": 50}  # the published schedule
 
@@ -26,7 +27,7 @@ def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_folder", default="data/demo", help="Dataset folder; generated if absent")
     p.add_argument("--out_dir", default="outputs/demo", help="Where params, logs, SMB, evaluations go")
-    p.add_argument("--preset", default="demo", choices=("tiny", "demo", "bench"),
+    p.add_argument("--preset", default="demo", choices=PRESETS,
                    help="Synthetic twin preset used when the data folder does not exist")
     p.add_argument("--seed", type=int, default=0, help="Twin and initialisation seed")
     p.add_argument("--epochs_scale", type=float, default=0.2,

@@ -25,6 +25,11 @@ from dataloader._synthetic_regions import (
 
 DAYS_PER_YEAR = 365.25
 PRECIP_PER_METRE = 0.0003  # relative increase of the reanalysis precipitation with cell height
+# Random errors of each reanalysis cell (degC, log-factor). Nothing in the files reveals them,
+# and glacier-scale errors that nothing reveals are what a corrector cannot transfer, so they
+# are kept small (docs/synthetic_twin.md, Limitations).
+BLOCK_T_SIGMA = 0.1
+BLOCK_P_SIGMA = 0.03
 
 
 def decimal_year(dates: np.ndarray) -> np.ndarray:
@@ -121,7 +126,7 @@ def block_climate(weather: RegionalWeather, region: Region, area: Area, orograph
     amplitude = region.t_amplitude + area.amplitude_offset
     t_regional = region.t_mean + amplitude * weather.cycle + weather.t_anomaly + t_bias
     p_regional = weather.precipitation * area.precip_factor * p_factor
-    block_bias = rng.normal(0.0, 0.25, n_blocks)
+    block_bias = rng.normal(0.0, BLOCK_T_SIGMA, n_blocks)
     temperature = np.empty((n_blocks, n), dtype=np.float32)
     precipitation = np.empty((n_blocks, n), dtype=np.float32)
     for b in range(n_blocks):
@@ -130,7 +135,7 @@ def block_climate(weather: RegionalWeather, region: Region, area: Area, orograph
         temperature[b] = (t_regional + TRUE_LAPSE_RATE * (orography[b] - region.z_ref)
                           + block_bias[b] + local)
         # Precipitation rises with the height of the coarse cell; showers vary between cells.
-        factor = np.exp(PRECIP_PER_METRE * (orography[b] - region.z_ref) + rng.normal(0.0, 0.08))
+        factor = np.exp(PRECIP_PER_METRE * (orography[b] - region.z_ref) + rng.normal(0.0, BLOCK_P_SIGMA))
         jitter = np.exp(rng.normal(0.0, 0.3, n) - 0.045)
         precipitation[b] = p_regional * factor * jitter
     true_precipitation = (p_regional * hidden_p_factor

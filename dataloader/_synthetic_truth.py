@@ -32,7 +32,6 @@ EXP_FLOOR = np.float32(-20.0)   # see _softplus
 
 # Spatial sensitivities of the truth parameters.
 PREC_PER_METRE = 0.0004        # precipitation factor grows by ~4 % per 100 m of height
-PREC_REFERENCE_HEIGHT = 300.0  # m above the mean orography where the elevation term is 1
 DDF_SNOW_ELEVATION = 0.35      # ddf_snow ~ exp(0.35 * (0.5 - relative elevation))
 DDF_SNOW_ROUGHNESS = 0.06
 DDF_ICE_ROUGHNESS = 0.10
@@ -54,12 +53,14 @@ class TruthParameters:
 def truth_parameters(geometry: Geometry, region: Region, rng: np.random.Generator) -> TruthParameters:
     """Per-cell truth parameters of every geometry year (see the module docstring)."""
     glacier = geometry.mask[0]
-    mean_orography = geometry.orography[glacier].mean()
-    # More precipitation higher up (orographic enhancement the coarse reanalysis misses) and a
-    # smooth wind-drift pattern (more snow in hollows and lee sides).
+    mean_elevation = geometry.z[0][glacier].mean()
+    # More precipitation higher up the glacier (orographic enhancement the coarse reanalysis
+    # misses), relative to the glacier's own mean elevation so that the glacier-wide factor does
+    # not hinge on the invisible reanalysis orography; and a smooth wind-drift pattern (more
+    # snow in hollows and lee sides).
     drift = np.exp(0.08 * smooth_noise(rng, glacier.shape, 2.0))
     prec_scale = (PREC_SCALE * region.prec_factor * drift
-                  * np.exp(PREC_PER_METRE * (geometry.z - mean_orography - PREC_REFERENCE_HEIGHT)))
+                  * np.exp(PREC_PER_METRE * (geometry.z - mean_elevation)))
     ddf_snow = DDF_SNOW * np.exp(DDF_SNOW_ELEVATION * (0.5 - geometry.relative_elevation)
                                  + DDF_SNOW_ROUGHNESS * geometry.roughness)
     ddf_relative_ice = (DDF_RELATIVE_ICE * np.exp(DDF_ICE_ROUGHNESS * geometry.roughness)

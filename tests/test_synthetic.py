@@ -403,6 +403,21 @@ def test_truth_parameters_centred_and_spatially_varying(demo_twins):
     assert relative_ice[debris > 0.5].mean() < relative_ice[debris == 0].mean() - 0.3
 
 
+def test_science_preset_has_enough_training_glaciers():
+    """The science check (README) needs many training glaciers on small, shared grid shapes;
+    every fold mixes regions so that no region is seen only at test time."""
+    specs = [spec for _, spec in synthetic.glacier_specs("science", 0)]
+    folds = np.array([s.fold for s in specs])
+    assert len(specs) == 36 and (folds == 0).sum() == 6 and (folds == 1).sum() == 6
+    assert (folds >= 2).sum() == 24
+    assert {s.shape for s in specs} <= {(16, 24), (24, 16), (24, 24)}
+    for fold in range(6):
+        assert len({s.region for s in specs if s.fold == fold}) >= 3
+    trained = {s.region for s in specs if s.fold >= 2}
+    assert trained == {"ALP", "SCA", "ICL", "SVAL", "PYR"}
+    assert sum(s.stakes > 0 for s in specs if s.fold == 0) >= 4  # point RMSE on the test fold
+
+
 def test_stakes_are_truth_plus_noise(demo_twins):
     from dataloader._synthetic_truth import period_weights
 
