@@ -8,7 +8,7 @@ from functools import lru_cache
 
 import numpy as np
 import pyproj
-from scipy.ndimage import binary_erosion, gaussian_filter
+from scipy.ndimage import binary_erosion, gaussian_filter, maximum_filter
 
 from dataloader._synthetic_regions import Area, Region
 
@@ -27,6 +27,7 @@ class Geometry:
     relative_elevation: np.ndarray  # (H, W) 0 at the lowest, 1 at the highest glacier cell of 1990
     debris: np.ndarray       # (H, W) debris cover fraction (persistent)
     shade: np.ndarray        # (H, W) 0..1 topographic shading
+    avalanche: np.ndarray    # (H, W) 0..1 snow fed from steep rock walls above
     roughness: np.ndarray    # (H, W) roughness anomaly of the ice surface (about -1..2)
     block_id: np.ndarray     # (H, W) int index of the coarse reanalysis cell
     block_orography: np.ndarray  # (n_blocks,) orography of each coarse cell (m)
@@ -202,6 +203,17 @@ def _shade(z: np.ndarray) -> np.ndarray:
     return np.clip(np.maximum(own, wall), 0, 1)
 
 
+def _avalanche(z: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """0..1 avalanche feeding: glacier cells near steep rock walls (over 25 degrees, fully fed
+    from 45) that rise above them by more than 50 m within two cells. Small cirque glaciers
+    under high walls get much of their snow this way; the reanalysis knows nothing of it."""
+    d_south, d_east = np.gradient(z, CELL)
+    steep = np.clip((np.degrees(np.arctan(np.hypot(d_south, d_east))) - 25) / 20, 0, 1) * ~mask
+    wall = np.where(steep > 0, z, -np.inf)
+    below_wall = (maximum_filter(wall, size=5) - z) > 50.0
+    return np.clip(2.0 * gaussian_filter(steep, 1.5) * below_wall, 0, 1) * mask
+
+
 def _blocks(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
     """Index of the coarse reanalysis cell of every grid cell. Coarse cells are ~9 km (~90 grid
     cells); small grids get a few large blocks instead, so that even they see some contrast."""
@@ -298,6 +310,7 @@ def build_geometry(region: Region, area: Area, kind: str, height: int, width: in
         years=years, x=x, y=y, epsg=area.epsg,
         z=z.astype(np.float32), zstddev=zstddev.astype(np.float32), mask=masks,
         relative_elevation=relative, debris=debris * mask0, shade=_shade(z0),
+        avalanche=_avalanche(z0, mask0),
         roughness=roughness, block_id=block_id, block_orography=block_orography,
     )
 

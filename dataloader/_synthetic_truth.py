@@ -31,7 +31,8 @@ SWE_FLOOR = np.float32(1e-6)    # see run_truth: keeps the loop free of subnorma
 EXP_FLOOR = np.float32(-20.0)   # see _softplus
 
 # Spatial sensitivities of the truth parameters.
-PREC_PER_METRE = 0.0004        # precipitation factor grows by ~4 % per 100 m of height
+PREC_PER_METRE = 0.0010        # precipitation factor grows by ~10 % per 100 m of height
+AVALANCHE_GAIN = 0.6           # up to 60 % more snow where avalanches from rock walls land
 DDF_SNOW_ELEVATION = 0.35      # ddf_snow ~ exp(0.35 * (0.5 - relative elevation))
 DDF_SNOW_ROUGHNESS = 0.06
 DDF_ICE_ROUGHNESS = 0.10
@@ -56,11 +57,12 @@ def truth_parameters(geometry: Geometry, region: Region, rng: np.random.Generato
     mean_elevation = geometry.z[0][glacier].mean()
     # More precipitation higher up the glacier (orographic enhancement the coarse reanalysis
     # misses), relative to the glacier's own mean elevation so that the glacier-wide factor does
-    # not hinge on the invisible reanalysis orography; and a smooth wind-drift pattern (more
-    # snow in hollows and lee sides).
+    # not hinge on the invisible reanalysis orography; a smooth wind-drift pattern (more
+    # snow in hollows and lee sides); and avalanche snow below steep rock walls.
     drift = np.exp(0.08 * smooth_noise(rng, glacier.shape, 2.0))
     prec_scale = (PREC_SCALE * region.prec_factor * drift
-                  * np.exp(PREC_PER_METRE * (geometry.z - mean_elevation)))
+                  * np.exp(PREC_PER_METRE * (geometry.z - mean_elevation))
+                  * (1 + AVALANCHE_GAIN * geometry.avalanche))
     ddf_snow = DDF_SNOW * np.exp(DDF_SNOW_ELEVATION * (0.5 - geometry.relative_elevation)
                                  + DDF_SNOW_ROUGHNESS * geometry.roughness)
     ddf_relative_ice = (DDF_RELATIVE_ICE * np.exp(DDF_ICE_ROUGHNESS * geometry.roughness)
