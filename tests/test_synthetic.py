@@ -17,6 +17,7 @@ import xarray as xr
 
 import constants
 from dataloader import synthetic
+from dataloader._synthetic_truth import PREC_PER_METRE
 from dataloader.synthetic import generate
 
 REQUIRED_FILES = ("temperature.nc", "precipitation.nc", "orography.nc", "dem.nc", "outlines.nc",
@@ -404,8 +405,8 @@ def test_truth_parameters_centred_and_spatially_varying(demo_twins):
 
 
 def test_avalanche_snow_below_rock_walls(demo_twins):
-    """Avalanche feeding lies on the glacier, next to steep rock walls above it, raises the
-    truth's precipitation factor there, and is absent from ice caps (no walls above)."""
+    """Avalanche feeding lies on the glacier only, raises the truth's precipitation factor where
+    it lands, and is absent from ice caps (no rock walls above them)."""
     for twin in demo_twins:
         g = twin.geometry
         assert g.avalanche.min() >= 0 and g.avalanche.max() <= 1
@@ -416,9 +417,9 @@ def test_avalanche_snow_below_rock_walls(demo_twins):
     assert len(fed) >= 3
     for twin in fed:
         g, glacier = twin.geometry, twin.geometry.mask[0]
-        # Same elevation band, with and without avalanche snow: the fed cells get more.
+        # With the rise of precipitation with height divided out, fed cells get more.
         z, feed = g.z[0][glacier], g.avalanche[glacier]
-        prec = twin.params.prec_scale[0][glacier] * np.exp(-0.0010 * (z - z.mean()))
+        prec = twin.params.prec_scale[0][glacier] * np.exp(-PREC_PER_METRE * (z - z.mean()))
         assert prec[feed > 0.5].mean() > 1.15 * prec[feed == 0].mean()
 
 
