@@ -31,7 +31,14 @@ from pathlib import Path
 import numpy as np
 
 import constants
-from dataloader._synthetic_climate import BlockClimate, RegionalWeather, block_climate, regional_weather
+from dataloader._synthetic_climate import (
+    HIDDEN_P_SIGMA,
+    HIDDEN_T_SIGMA,
+    BlockClimate,
+    RegionalWeather,
+    block_climate,
+    regional_weather,
+)
 from dataloader._synthetic_geometry import Geometry, build_geometry, stake_cells
 from dataloader._synthetic_io import (
     write_csv,
@@ -65,12 +72,6 @@ NORMALISATION_FACTORS = {
     "t_monthly": constants.t_monthly_norm,
     "p_monthly": constants.p_monthly_norm,
 }
-
-# Glacier-scale climate errors of the reanalysis that nothing in the files reveals (degC and
-# log-factor). Kept small: with 0.25 degC and 8 % model C memorised the offsets of its training
-# glaciers instead of learning what transfers (docs/synthetic_twin.md, Limitations).
-HIDDEN_T_SIGMA = 0.1
-HIDDEN_P_SIGMA = 0.03
 
 INDEX_COLUMNS = ("name", "wgms_name", "fold", "region", "max_year", "height", "width")
 TOTAL_SMB_COLUMNS = (("year", None), ("begin_date", None), ("midseason_date", None),
