@@ -11,8 +11,7 @@ import pyproj
 from scipy.ndimage import binary_erosion, gaussian_filter, maximum_filter
 
 from dataloader._synthetic_regions import Area, Region
-
-CELL = 100.0  # grid spacing (m)
+from dataloader.layout import CELL
 
 
 @dataclass(frozen=True)

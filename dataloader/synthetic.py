@@ -40,7 +40,7 @@ from dataloader._synthetic_climate import (
     regional_weather,
 )
 from dataloader._synthetic_geometry import Geometry, build_geometry, stake_cells
-from dataloader._synthetic_io import (
+from dataloader.layout import (
     write_csv,
     write_daily,
     write_facies,

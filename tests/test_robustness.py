@@ -247,7 +247,7 @@ REVIEWED = {
     "core/inference.py",  # write_netcdf writes inside core.io.atomic_path
     "core/demo.py",  # the figure: temporary file + replace
     "dataloader/synthetic.py",  # the twin: built in a temporary folder and renamed
-    "dataloader/_synthetic_io.py",  # (called by synthetic.py on its temporary folder)
+    "dataloader/layout.py",  # (called by synthetic.py on its temporary folder)
 }
 
 

@@ -1,5 +1,6 @@
-"""Writers of the published on-disk layout (shared/reference/tiny_dataset/FORMAT.md): NetCDF
-files with the CF/GDAL georeferencing of the reference files, and the CSV tables.
+"""Writers of the published on-disk layout (docs/data_format.md): NetCDF files with the CF/GDAL
+georeferencing of the published files, and the CSV tables. Used by the synthetic twin and by the
+own-glacier preparation (:mod:`dataloader.prepare`).
 
 Nothing time-dependent (history, creation date) is written, so that a seed reproduces the data.
 """
@@ -14,8 +15,8 @@ import netCDF4
 import numpy as np
 import pyproj
 
-from dataloader._synthetic_geometry import CELL
 
+CELL = 100.0  # grid spacing of the published layout (m)
 COMPRESSION = {"zlib": True, "shuffle": True, "complevel": 9}  # as the reference files
 FACIES_BANDS = ("ice", "snow", "debris", "firn", "shadow", "superimposed-ice", "cloud", "water",
                 "confidence")
