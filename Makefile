@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:
 #   make demo   create .venv, install, generate the synthetic twin, train A->B->C->D,
-#               evaluate every test glacier and print the summary table
+#               evaluate every test glacier and print the summary table; then prepare the
+#               bundled real glacier (Hintereisferner) and run the published A, C, D on it
 #   make test   run the test suite in the same environment
 PYTHON ?= python3
 VENV := .venv
@@ -13,7 +14,7 @@ OUT_DIR ?= outputs/demo
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,notebooks]"
 	touch $@
 
 install: $(VENV)/.installed

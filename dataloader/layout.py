@@ -7,6 +7,7 @@ Nothing time-dependent (history, creation date) is written, so that a seed repro
 
 from __future__ import annotations
 
+import pickle
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable
@@ -15,6 +16,7 @@ import netCDF4
 import numpy as np
 import pyproj
 
+import constants
 
 CELL = 100.0  # grid spacing of the published layout (m)
 COMPRESSION = {"zlib": True, "shuffle": True, "complevel": 9}  # as the reference files
@@ -23,6 +25,24 @@ FACIES_BANDS = ("ice", "snow", "debris", "firn", "shadow", "superimposed-ice", "
 # Largest chunk of the daily climate variables (values); small grids get one chunk like the
 # reference files, large ones are written slab by slab so memory stays bounded.
 MAX_CHUNK_VALUES = 2_000_000
+
+# Dataset-wide divisors of the corrector's inputs (docs/data_format.md; delta_z is not used by
+# the models).
+NORMALISATION_FACTORS = {
+    "elevation": constants.elevation_norm,
+    "elevation_std": constants.elevation_std_norm,
+    "delta_z": 2471.570922600618,
+    "t_monthly": constants.t_monthly_norm,
+    "p_monthly": constants.p_monthly_norm,
+}
+
+INDEX_COLUMNS = ("name", "wgms_name", "fold", "region", "max_year", "height", "width")
+TOTAL_SMB_COLUMNS = (("year", None), ("begin_date", None), ("midseason_date", None),
+                     ("end_date", None), ("winter_balance", 3), ("summer_balance", 3),
+                     ("annual_balance", 3))
+POINT_SMB_COLUMNS = (("year", None), ("point_id", None), ("balance_code", None),
+                     ("begin_date", None), ("end_date", None), ("latitude", 7),
+                     ("longitude", 7), ("elevation", 1), ("balance", 3))
 
 
 @lru_cache(maxsize=None)
@@ -148,3 +168,9 @@ def write_csv(path: Path, columns: Iterable[tuple[str, int | None]], rows: Itera
     for row in rows:
         lines.append(",".join(_cell(row[name], digits) for name, digits in columns))
     path.write_text("\n".join(lines) + "\n", encoding="utf-8", newline="\n")
+
+
+def write_normalisation_factors(path: Path) -> None:
+    """The published dataset-wide divisors as ``normalisation_factors.pkl`` (pickle protocol 4)."""
+    with open(path, "wb") as f:
+        pickle.dump(dict(NORMALISATION_FACTORS), f, protocol=4)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import pickle
 import shutil
 import sys
 import time
@@ -41,9 +40,13 @@ from dataloader._synthetic_climate import (
 )
 from dataloader._synthetic_geometry import Geometry, build_geometry, stake_cells
 from dataloader.layout import (
+    INDEX_COLUMNS,
+    POINT_SMB_COLUMNS,
+    TOTAL_SMB_COLUMNS,
     write_csv,
     write_daily,
     write_facies,
+    write_normalisation_factors,
     write_static,
     write_yearly,
 )
@@ -64,22 +67,6 @@ PRESETS = ("tiny", "demo", "science", "bench")
 INTERNAL_START = np.datetime64("1984-10-01")
 FILE_START = np.datetime64(f"{constants.initialisation_period_start_year - 1}-10-01")
 
-# Dataset-wide divisors of FORMAT.md §4 (delta_z is not used by the models).
-NORMALISATION_FACTORS = {
-    "elevation": constants.elevation_norm,
-    "elevation_std": constants.elevation_std_norm,
-    "delta_z": 2471.570922600618,
-    "t_monthly": constants.t_monthly_norm,
-    "p_monthly": constants.p_monthly_norm,
-}
-
-INDEX_COLUMNS = ("name", "wgms_name", "fold", "region", "max_year", "height", "width")
-TOTAL_SMB_COLUMNS = (("year", None), ("begin_date", None), ("midseason_date", None),
-                     ("end_date", None), ("winter_balance", 3), ("summer_balance", 3),
-                     ("annual_balance", 3))
-POINT_SMB_COLUMNS = (("year", None), ("point_id", None), ("balance_code", None),
-                     ("begin_date", None), ("end_date", None), ("latitude", 7),
-                     ("longitude", 7), ("elevation", 1), ("balance", 3))
 
 
 @dataclass(frozen=True)
@@ -400,8 +387,7 @@ def generate(out_dir: str | os.PathLike, preset: str = "tiny", seed: int = 0,
                 for result in as_completed([pool.submit(_make_glacier, t) for t in tasks]):
                     done(*result.result())
         write_csv(tmp / "index.csv", [(c, None) for c in INDEX_COLUMNS], _index_rows(specs))
-        with open(tmp / "normalisation_factors.pkl", "wb") as f:
-            pickle.dump(dict(NORMALISATION_FACTORS), f, protocol=4)
+        write_normalisation_factors(tmp / "normalisation_factors.pkl")
         old = None
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
