@@ -13,7 +13,9 @@ def parser():
     p.add_argument("glacier", help="Glacier name")
     p.add_argument("smb_path", help="Output SMB path (.nc)")
     p.add_argument("eval_path", help="Output evaluation path (.json)")
-    p.add_argument("--params_path", default=None, help="Params path (.eqx); default params/<model>.eqx")
+    p.add_argument("--params_path", default=None,
+                   help="Params path (.eqx); default params/<model>.eqx if trained, else the published "
+                        "weights params/published/<model>.eqx")
     p.add_argument("--unfreeze_ti", action="store_true",
                    help="Load with unfrozen TI params (e.g. for finetuned models)")
     add_data_folder(p)
@@ -25,13 +27,17 @@ def parser():
 def main(argv=None):
     args = parser().parse_args(argv)
     from core.evaluation import SCALES, SEASONS
-    from core.run import infer_and_evaluate
+    from core.models import PUBLISHED_PARAMS
+    from core.run import infer_and_evaluate, resolve_params_path
 
+    params_path = resolve_params_path(args.model, args.params_path)
     result = infer_and_evaluate(args.model, args.glacier, args.smb_path, args.eval_path,
-                                params_path=args.params_path, data_folder=args.data_folder,
+                                params_path=params_path, data_folder=args.data_folder,
                                 unfreeze_ti=args.unfreeze_ti)
     if not args.quiet:
-        print(f"{args.glacier}, model {args.model.upper()}: {args.smb_path}, {args.eval_path}")
+        published = " (the published weights)" if params_path.resolve().parent == PUBLISHED_PARAMS else ""
+        print(f"{args.glacier}, model {args.model.upper()} with {params_path}{published}: "
+              f"{args.smb_path}, {args.eval_path}")
         for scale in SCALES:
             for season in SEASONS:
                 m = result["metrics"][scale]["overall"][season]

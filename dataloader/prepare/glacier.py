@@ -224,11 +224,11 @@ def prepare_glacier(data_folder: str | os.PathLike, name: str, sources: Sources,
 
 def _prepare(folder: Path, name: str, sources: Sources, options: Options, verbose: bool) -> dict:
     t0 = time.perf_counter()
-    climate = climate_sources.open_climate(sources.temperature, sources.precipitation, sources.orography,
-                                           monthly=options.monthly_climate)
     # The outline fixes the grid; the climate fixes the years. Both are checked before any
     # large file is written.
     grid, masks_for, outline_info = _outline(sources, options)
+    climate = climate_sources.open_climate(sources.temperature, sources.precipitation, sources.orography,
+                                           monthly=options.monthly_climate)
     lon, lat = grid.lonlat()
     latitude = float(lat[grid.height // 2, grid.width // 2])
     years = _years(climate, latitude, options)

@@ -153,9 +153,10 @@ def grid_around(outline, epsg: int | None = None, margin_m: float = 500.0,
     if not crs.is_projected or crs.axis_info[0].unit_name not in ("metre", "meter"):
         raise DataError(source, "EPSG code", f"{epsg} is not a projected CRS in metres")
     minx, miny, maxx, maxy = to_crs(outline, 4326, int(epsg), step=_DEGREE_STEP).bounds
-    # Tiny tolerance so that an edge lying on a multiple of 100 m after the round trip of a
-    # transformation does not gain a whole extra cell.
-    eps = 1e-6
+    # An edge on a multiple of 100 m (an ICEmapper footprint on the grid's own CRS) moves by
+    # up to decimetres in the round trip through EPSG:4326; 1 m of tolerance keeps it from
+    # gaining a whole extra cell.
+    eps = 0.01
     left = math.floor((minx - margin_m) / CELL + eps) * CELL
     right = math.ceil((maxx + margin_m) / CELL - eps) * CELL
     bottom = math.floor((miny - margin_m) / CELL + eps) * CELL
