@@ -1,13 +1,15 @@
-"""Daily SMB inference over a glacier's study period, streamed year by year (MODEL.md §8).
+"""Daily SMB inference over a glacier's study period, streamed year by year.
 
 The state (SWE or GRU hidden state) is spun up over 1990–1994 and carried through the study
 years; each study year is run in the series regime and its days are placed on the calendar.
 Days covered by two periods (the midseason day, a shared year boundary) hold the sum of both
-half-weighted values (MODEL.md §9.3). Only one year of daily fields is in memory at a time.
+half-weighted values. Only about one year of daily fields is in memory at a time: the NetCDF
+writer buffers one block of file chunks (at most MAP_VALUES values).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Iterator
 
@@ -15,6 +17,7 @@ import equinox as eqx
 import jax.numpy as jnp
 import netCDF4
 import numpy as np
+import pyproj
 import xarray as xr
 
 from core.io import atomic_path
@@ -90,24 +93,87 @@ def _as_dataarray(tensors, data, dates):
 def _smb_attrs():
     return {
         "long_name": "daily surface mass balance",
-        "units": "m w.e. d-1",
+        "units": "m w.e. d-1",  # metres of water equivalent per day (1 m w.e. = 1000 kg m-2)
         "grid_mapping": "spatial_ref",
         "comment": "days shared by two model periods hold the sum of both half-weighted values",
     }
 
 
-def _geotransform(tensors) -> str:
-    dx = float(tensors.x[1] - tensors.x[0]) if len(tensors.x) > 1 else 100.0
-    dy = float(tensors.y[0] - tensors.y[1]) if len(tensors.y) > 1 else 100.0
-    return f"{tensors.x[0] - dx / 2!r} {dx!r} 0.0 {tensors.y[0] + dy / 2!r} 0.0 {-dy!r}"
+# Chunking of the daily SMB. A chunk holds CHUNK_DAYS consecutive days of a rectangular tile:
+# - days: 365, fewer when a year of the whole grid exceeds MAP_VALUES, because reading one
+#   day's map decompresses every chunk of its block of days (at most MAP_VALUES values);
+# - tile: the whole grid when the chunk stays within CHUNK_VALUES, otherwise the grid cut into
+#   near-equal tiles that do, because reading one cell's series decompresses its tile over
+#   all days.
+# One chunk per day (the former layout) compressed poorly and made a series touch every day.
+CHUNK_DAYS = 365
+MAP_VALUES = 4_000_000    # 16 MB of float32
+CHUNK_VALUES = 262_144    # 1 MB of float32
+
+
+def chunk_shape(height: int, width: int) -> tuple[int, int, int]:
+    """(days, rows, columns) of one chunk of the (time, y, x) daily SMB of an H x W grid."""
+    days = max(1, min(CHUNK_DAYS, MAP_VALUES // (height * width)))
+    cells = max(1, CHUNK_VALUES // days)
+    if height * width <= cells:
+        return days, height, width
+    side = max(1, math.isqrt(cells))
+    rows = -(-height // -(-height // side))  # ceil(H / number of tiles): near-equal tiles
+    cols = -(-width // -(-width // side))
+    return days, rows, cols
+
+
+def _geotransform(x: np.ndarray, y: np.ndarray) -> str:
+    """GDAL's ``GeoTransform`` of a grid of cell centres ``x`` (W,), ``y`` (H,) decreasing:
+    "x_left dx 0 y_top 0 -dy" from the outer corner of the first cell (m)."""
+    dx = float(x[1] - x[0]) if len(x) > 1 else 100.0
+    dy = float(y[0] - y[1]) if len(y) > 1 else 100.0
+    # Plain Python floats: a numpy scalar's repr is "np.float64(...)" under numpy 2.
+    return " ".join(repr(float(v)) for v in (x[0] - dx / 2, dx, 0.0, y[0] + dy / 2, 0.0, -dy))
+
+
+def _grid_mapping_attrs(crs_wkt: str, x: np.ndarray, y: np.ndarray) -> dict:
+    """``spatial_ref`` as the input files hold it: CF grid-mapping parameters, the WKT under
+    both names read by CF tools and GDAL, and the GeoTransform."""
+    try:
+        attrs = pyproj.CRS.from_wkt(crs_wkt).to_cf()
+    except pyproj.exceptions.CRSError:
+        attrs = {}
+    attrs.update(crs_wkt=crs_wkt, spatial_ref=crs_wkt, GeoTransform=_geotransform(x, y))
+    return attrs
+
+
+def _blocks(chunks: Iterator[tuple[int, np.ndarray]], days: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Regroup consecutive ``(first_day, (n, H, W))`` pieces into blocks of exactly ``days``
+    days (the last may be shorter), so that each chunk of the file is compressed once; holds
+    at most one block plus one piece."""
+    start, buffer, held = None, [], 0
+    for day, data in chunks:
+        if start is None:
+            start = day
+        elif day != start + held:
+            raise ValueError(f"daily SMB piece starts at day {day}, expected {start + held} "
+                             "(pieces must be consecutive)")
+        buffer.append(data)
+        held += len(data)
+        while held >= days:
+            joined = np.concatenate(buffer) if len(buffer) > 1 else buffer[0]
+            yield start, joined[:days]
+            rest = joined[days:]
+            start, buffer, held = start + days, [rest] if len(rest) else [], len(rest)
+    if held:
+        yield start, np.concatenate(buffer)
 
 
 def write_netcdf(path, tensors, chunks: Iterator[tuple[int, np.ndarray]], model_name: str) -> tuple[int, int]:
     """Stream daily SMB chunks into a CF-compliant NetCDF file (atomically).
 
+    ``chunks`` yields ``(first_day, smb)`` pieces of consecutive days as :func:`iter_daily_smb`
+    does; they are written in blocks of whole file chunks (:func:`chunk_shape`).
     Returns (first_day, number of days) written.
     """
     first_day, n_days = None, 0
+    layout = chunk_shape(len(tensors.y), len(tensors.x))
     with atomic_path(path) as tmp:
         with netCDF4.Dataset(tmp, "w", format="NETCDF4") as nc:
             nc.createDimension("time", None)
@@ -117,23 +183,20 @@ def write_netcdf(path, tensors, chunks: Iterator[tuple[int, np.ndarray]], model_
             nc.Conventions = "CF-1.8"
             nc.glacier = tensors.name
             crs = nc.createVariable("spatial_ref", "i4")
-            crs.crs_wkt = tensors.crs_wkt
-            crs.spatial_ref = tensors.crs_wkt
-            crs.GeoTransform = _geotransform(tensors)
-            for name, values, std in (("y", tensors.y, "projection_y_coordinate"),
-                                      ("x", tensors.x, "projection_x_coordinate")):
+            crs.setncatts(_grid_mapping_attrs(tensors.crs_wkt, tensors.x, tensors.y))
+            for name, values in (("y", tensors.y), ("x", tensors.x)):
                 var = nc.createVariable(name, "f8", (name,))
                 var[:] = values
-                var.standard_name, var.units, var.axis = std, "m", name.upper()
-            time = nc.createVariable("time", "i4", ("time",))
-            time.units = f"days since {np.datetime_as_string(tensors.first_date, unit='D')}"
-            time.calendar = "proleptic_gregorian"
-            time.standard_name, time.axis = "time", "T"
+                var.setncatts({"standard_name": f"projection_{name}_coordinate", "units": "m",
+                               "axis": name.upper(), "long_name": f"{name} coordinate of cell centre"})
+            time = nc.createVariable("time", "i4", ("time",), chunksizes=(layout[0],))
+            time.setncatts({"standard_name": "time", "axis": "T", "long_name": "day",
+                            "units": f"days since {np.datetime_as_string(tensors.first_date, unit='D')}",
+                            "calendar": "proleptic_gregorian"})
             smb = nc.createVariable(SMB_VARIABLE, "f4", ("time", "y", "x"), zlib=True, shuffle=True,
-                                    complevel=4, fill_value=np.float32(np.nan),
-                                    chunksizes=(1, len(tensors.y), len(tensors.x)))
+                                    complevel=4, fill_value=np.float32(np.nan), chunksizes=layout)
             smb.setncatts(_smb_attrs())
-            for day, data in chunks:
+            for day, data in _blocks(chunks, layout[0]):
                 if first_day is None:
                     first_day = day
                 time[n_days: n_days + len(data)] = np.arange(day, day + len(data), dtype=np.int32)

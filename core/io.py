@@ -1,14 +1,19 @@
 """Atomic file output: every result is written to a temporary file next to its destination and
 renamed into place, so that a crash leaves either the previous file or the new one, never half
-of one."""
+of one.
+
+The temporary file is created as an ordinary write would create the result (mode 0o666 minus
+the umask, and the folder's default ACL), not private to its writer as ``tempfile.mkstemp``
+makes it: results in a shared project folder must stay readable by the group."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
-import tempfile
+import secrets
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -63,11 +68,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     if path.is_dir():
         raise OutputError(f"{path}: is a directory, expected a file path")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+        tmp = create_new_file(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as err:
         raise OutputError(f"{path}: cannot create a file in {path.parent} ({err.strerror})") from None
-    os.close(fd)
-    tmp = Path(tmp)
     try:
         yield tmp
         _fsync(tmp)
@@ -80,6 +83,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
         raise
     remove_abandoned_temporaries(path)
+
+
+def create_new_file(folder: Path, prefix: str, suffix: str) -> Path:
+    """Create an empty file with a fresh random name in ``folder`` and return its path.
+
+    Exclusive creation (O_EXCL) makes the name ours, as ``tempfile.mkstemp`` does, but with
+    mode 0o666 so that the kernel applies the umask like an ordinary ``open(..., "w")``."""
+    for _ in range(100):
+        candidate = Path(folder) / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return candidate
+    raise FileExistsError(errno.EEXIST, f"no free name {prefix}*{suffix} after 100 tries")
 
 
 # A temporary file untouched for this long belongs to a killed process (a live writer, even of

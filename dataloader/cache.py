@@ -13,12 +13,13 @@ never leaves a half-written entry; older entries of the same glacier are removed
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -112,7 +113,7 @@ class GlacierCache:
             if not _may_write(self.root):
                 raise PermissionError("marked read-only")
             self.root.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".tmp-{entry_stem(name)}-", dir=self.root))
+            staging = _new_folder(self.root, prefix=f".tmp-{entry_stem(name)}-")
         except OSError as error:
             warnings.warn(f"cache folder {self.root} is not writable ({error}); reading without "
                           "cache (set GLAUNTI_CACHE_DIR or pass cache_dir)", stacklevel=3)
@@ -153,6 +154,20 @@ class GlacierCache:
                 continue
             if abandoned:
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+def _new_folder(parent: Path, prefix: str) -> Path:
+    """A new, uniquely named folder in ``parent``, created like ``tempfile.mkdtemp`` but with
+    mode 0o777 so that the umask applies: mkdtemp's 0o700 would survive the rename and hide a
+    shared cache from the rest of a project group."""
+    for _ in range(100):
+        folder = parent / f"{prefix}{secrets.token_hex(6)}"
+        try:
+            folder.mkdir(mode=0o777)
+            return folder
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"no free folder name {prefix}* in {parent} after 100 tries")
 
 
 def _may_write(root: Path) -> bool:

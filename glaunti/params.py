@@ -17,9 +17,10 @@ from our modules, and can be checked against the published manifest.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
-import tempfile
+import secrets
 import time
 from pathlib import Path
 
@@ -154,11 +155,12 @@ def load_params(model, path):
 
 
 def save_params(model, path) -> None:
-    """Write ``model`` in the published layout, atomically (temp file + ``os.replace``)."""
+    """Write ``model`` in the published layout, atomically (temp file + ``os.replace``); the
+    file gets the permissions of an ordinary write (0o666 minus the umask)."""
     path = Path(path)
     _, leaves, _ = _flatten(model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             for leaf in leaves:
@@ -171,6 +173,19 @@ def save_params(model, path) -> None:
             os.unlink(tmp)
         raise
     _remove_abandoned_temporaries(path)
+
+
+def _create_temporary(path: Path) -> tuple[int, Path]:
+    """``(fd, name)`` of a new ``.<name>.*.tmp`` file beside ``path``, as core.io.create_new_file:
+    exclusive like ``tempfile.mkstemp`` but mode 0o666, so the umask applies (mkstemp's 0o600
+    would hide the parameters from the rest of a project group)."""
+    for _ in range(100):
+        candidate = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"no free temporary name beside {path} after 100 tries")
 
 
 # As core.io.ABANDONED_AFTER_S (glaunti does not depend on core).

@@ -19,6 +19,7 @@ import constants
 import prepare_glacier
 from dataloader import Dataset
 from dataloader.layout import NORMALISATION_FACTORS
+from georeferencing import assert_georeferenced
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = REPO / "examples" / "hintereisferner" / "sources"
@@ -77,6 +78,14 @@ def test_hintereisferner_from_bundled_sources(hintereisferner, tmp_path):
     assert -12 < float(np.mean(tensors.temperature_2m)) < 5
     yearly = float(np.sum(tensors.precipitation[:, 0])) / 29
     assert 0.8 < yearly < 2.0
+    # Every raster is placed on the map by rioxarray and GDAL (UTM 32N, the grid of provenance.json).
+    grid = provenance["grid"]
+    assert grid["epsg"] == 32632
+    for file, variable in (("temperature.nc", "temperature_2m"), ("precipitation.nc", "total_precipitation_sum"),
+                           ("orography.nc", "elevation"), ("dem.nc", "z"), ("dem.nc", "zstddev"),
+                           ("outlines.nc", "outlines")):
+        assert_georeferenced(folder / file, variable, tensors.x, tensors.y, grid["epsg"])
+    assert tensors.x[0] == grid["x_left"] + 50 and tensors.y[0] == grid["y_top"] - 50
     # WGMS profile bands became annual pseudo-stakes on glacier cells.
     assert len(tensors.stake_code) > 100 and set(tensors.stake_code.tolist()) == {0}
     assert glacier[tensors.stake_row, tensors.stake_col].all()
@@ -248,6 +257,7 @@ def test_icemapper_outlines_and_facies_end_to_end(tmp_path):
     assert np.all(ice[on & west[None, :]] == 1) and np.all(snow[on & ~west[None, :]] == 1)
     assert np.all(tensors.facies[k95, 8][on] == 1)  # no confidence file: full confidence
     assert np.all(tensors.facies[k95][:, ~on] == 0)  # off-glacier NaN, read as 0
+    assert_georeferenced(data / "Synth Icemapper" / "facies.nc", "facies", tensors.x, tensors.y, 32632)
     # No observations: an inference-only glacier with empty balances.
     assert np.isnan(tensors.glacier_wide).all() and len(tensors.stake_code) == 0
 

@@ -1,0 +1,226 @@
+"""Outputs that GIS tools and colleagues can open (issue 16): georeferencing read by rioxarray
+and GDAL, permissions that follow the umask, and the chunking of the daily SMB NetCDF."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from pathlib import Path
+
+import netCDF4
+import numpy as np
+import pyproj
+import pytest
+import xarray as xr
+from georeferencing import assert_georeferenced
+
+import infer_and_evaluate
+from core.inference import CHUNK_VALUES, MAP_VALUES, _blocks, chunk_shape, infer, write_netcdf
+from core.io import atomic_write, atomic_write_json, atomic_write_text
+from core.models import skeleton
+from dataloader import Dataset
+from dataloader.synthetic import generate
+from glaunti.glacier import make_arrays
+from glaunti.params import save_params
+
+GEOREFERENCED_FILES = ("temperature.nc", "precipitation.nc", "orography.nc", "dem.nc", "outlines.nc",
+                       "facies.nc")
+
+
+@contextlib.contextmanager
+def umask(mask: int):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def epsg_of(tensors) -> int:
+    epsg = pyproj.CRS.from_wkt(tensors.crs_wkt).to_epsg()
+    assert epsg is not None
+    return epsg
+
+
+@pytest.fixture(scope="module")
+def daily_smb(tiny_twin, tmp_path_factory):
+    """``infer_and_evaluate.py`` with model A at its prior on a tiny-twin test glacier, run
+    under umask 022: (NetCDF path, JSON path, glacier name)."""
+    glacier = Dataset(tiny_twin).test_names[0]
+    out = tmp_path_factory.mktemp("daily")
+    smb_path, eval_path, params = out / "smb.nc", out / "eval.json", out / "a.eqx"
+    save_params(skeleton("a"), params)
+    with umask(0o022):
+        code = infer_and_evaluate.main(["a", glacier, str(smb_path), str(eval_path), "--quiet",
+                                        "--params_path", str(params), "--data_folder", str(tiny_twin)])
+    assert code == 0
+    return smb_path, eval_path, glacier
+
+
+# ---------------------------------------------------------------------------------------------
+# Georeferencing
+
+
+def test_daily_smb_is_georeferenced(daily_smb, tiny_twin):
+    smb_path, _, glacier = daily_smb
+    tensors = Dataset(tiny_twin).glacier(glacier)
+    assert_georeferenced(smb_path, "smb", tensors.x, tensors.y, epsg_of(tensors))
+    with netCDF4.Dataset(smb_path) as nc:
+        corner = nc["spatial_ref"].GeoTransform.split()
+    assert [float(v) for v in corner] == [tensors.x[0] - 50, 100, 0, tensors.y[0] + 50, 0, -100]
+    assert "np." not in " ".join(corner)
+
+
+def test_twin_files_are_georeferenced(tiny_twin):
+    """Every georeferenced file of every glacier, every variable with a grid mapping."""
+    dataset = Dataset(tiny_twin)
+    seen = set()
+    for name in dataset.names:
+        tensors = dataset.glacier(name)
+        for path in sorted((tiny_twin / name).glob("*.nc")):
+            with netCDF4.Dataset(path) as nc:
+                variables = [v for v, var in nc.variables.items() if "grid_mapping" in var.ncattrs()]
+            assert variables, f"{path}: no variable with a grid mapping"
+            for variable in variables:
+                assert_georeferenced(path, variable, tensors.x, tensors.y, epsg_of(tensors))
+            seen.add(path.name)
+    assert seen == set(GEOREFERENCED_FILES)
+
+
+def test_numpy_repr_geotransform_is_rejected(tiny_twin, tmp_path):
+    """The helper catches the issue-16 defect ("np.float64(...)" in GeoTransform)."""
+    name = Dataset(tiny_twin).names[0]
+    tensors = Dataset(tiny_twin).glacier(name)
+    path = tmp_path / "dem.nc"
+    path.write_bytes((tiny_twin / name / "dem.nc").read_bytes())
+    with netCDF4.Dataset(path, "a") as nc:
+        nc["spatial_ref"].GeoTransform = (f"{np.float64(tensors.x[0] - 50)!r} 100.0 0.0 "
+                                          f"{np.float64(tensors.y[0] + 50)!r} 0.0 -100.0")
+    with pytest.raises((ValueError, AssertionError)):
+        assert_georeferenced(path, "z", tensors.x, tensors.y, epsg_of(tensors))
+
+
+# ---------------------------------------------------------------------------------------------
+# Daily SMB: attributes, values, chunking
+
+
+def test_daily_smb_metadata_and_values(daily_smb, tiny_twin):
+    smb_path, _, glacier = daily_smb
+    tensors = Dataset(tiny_twin).glacier(glacier)
+    expected, first_day = infer(skeleton("a"), make_arrays(tensors), tensors)
+    with xr.open_dataset(smb_path, decode_coords="all") as ds:
+        smb = ds["smb"]
+        assert smb.attrs["units"] == "m w.e. d-1"
+        assert smb.encoding["grid_mapping"] == "spatial_ref"
+        assert ds["spatial_ref"].attrs["grid_mapping_name"] == "transverse_mercator"
+        np.testing.assert_array_equal(ds["time"].values, expected["time"].values)
+        assert ds["time"].values[0] == np.datetime64(tensors.first_date + first_day, "ns")
+        np.testing.assert_array_equal(smb.values, expected.values)
+        assert smb.encoding["chunksizes"] == chunk_shape(len(tensors.y), len(tensors.x))
+
+
+@pytest.mark.parametrize("grid, chunk", [
+    ((12, 16), (365, 12, 16)),     # a year of the whole grid fits in one chunk
+    ((60, 80), (365, 20, 20)),     # a year, 3 x 4 tiles of 20 x 20 cells
+    ((514, 396), (19, 103, 99)),   # 19 days (MAP_VALUES), 5 x 4 tiles
+    ((1, 1), (365, 1, 1)),
+])
+def test_chunk_shape(grid, chunk):
+    assert chunk_shape(*grid) == chunk
+    days, rows, cols = chunk
+    assert days * grid[0] * grid[1] <= MAP_VALUES
+    assert (rows, cols) == grid or days * rows * cols <= CHUNK_VALUES
+
+
+def test_blocks_regroup_pieces_into_whole_chunks():
+    days = np.arange(100, 100 + 23, dtype=np.float32)[:, None, None] * np.ones((1, 2, 3), np.float32)
+    pieces, start = [], 100
+    for n in (4, 3, 9, 1, 6):
+        pieces.append((start, days[start - 100: start - 100 + n]))
+        start += n
+    blocks = list(_blocks(iter(pieces), 5))
+    assert [(day, len(data)) for day, data in blocks] == [(100, 5), (105, 5), (110, 5), (115, 5), (120, 3)]
+    np.testing.assert_array_equal(np.concatenate([data for _, data in blocks]), days)
+    with pytest.raises(ValueError, match="starts at day 9, expected 8"):
+        list(_blocks(iter([(5, days[:3]), (9, days[:2])]), 5))
+
+
+# ---------------------------------------------------------------------------------------------
+# Permissions follow the umask; interrupted writes leave nothing
+
+
+def test_daily_smb_and_evaluation_are_group_readable(daily_smb):
+    smb_path, eval_path, _ = daily_smb
+    assert mode(smb_path) == mode(eval_path) == 0o644
+
+
+@pytest.mark.parametrize("mask, expected", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_atomic_outputs_follow_umask(tiny_twin, tmp_path, mask, expected):
+    tensors = Dataset(tiny_twin).glacier(Dataset(tiny_twin).names[0])
+    day = np.zeros((3, len(tensors.y), len(tensors.x)), np.float32)
+    with umask(mask):
+        atomic_write_json(tmp_path / "eval.json", {"metrics": {}})
+        atomic_write_text(tmp_path / "out" / "log.csv", "epoch\n")
+        write_netcdf(tmp_path / "smb.nc", tensors, iter([(10, day)]), "a")
+        save_params(skeleton("a"), tmp_path / "params" / "a.eqx")
+    for name in ("eval.json", "out/log.csv", "smb.nc", "params/a.eqx"):
+        assert mode(tmp_path / name) == expected, name
+    assert sorted(p.name for p in tmp_path.rglob(".*")) == []
+
+
+def test_cache_entry_follows_umask(tiny_twin, tmp_path):
+    name = Dataset(tiny_twin).names[0]
+    with umask(0o022):
+        Dataset(tiny_twin, cache_dir=tmp_path / "cache").glacier(name)
+    entries = list((tmp_path / "cache").iterdir())
+    assert len(entries) == 1 and not entries[0].name.startswith(".tmp-")
+    assert mode(entries[0]) == 0o755
+    files = list(entries[0].iterdir())
+    assert files and all(mode(f) == 0o644 for f in files)
+
+
+def test_twin_folder_follows_umask(tmp_path):
+    with umask(0o022):
+        out = generate(tmp_path / "twin", preset="tiny", seed=0)
+    folders = [out, *(p for p in out.rglob("*") if p.is_dir())]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(folders) > 1 and {mode(p) for p in folders} == {0o755}
+    assert files and {mode(p) for p in files} == {0o644}
+    assert [p.name for p in tmp_path.iterdir()] == ["twin"]
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def test_interrupted_writes_leave_nothing(tiny_twin, tmp_path, monkeypatch):
+    tensors = Dataset(tiny_twin).glacier(Dataset(tiny_twin).names[0])
+
+    def half_written(tmp: Path) -> None:
+        tmp.write_text('{"metrics": ')
+        raise Boom("killed mid-write")
+
+    def pieces():
+        yield 0, np.zeros((400, len(tensors.y), len(tensors.x)), np.float32)  # one chunk written
+        raise Boom("model crashed mid-stream")
+
+    with umask(0o022):
+        with pytest.raises(Boom):
+            atomic_write(tmp_path / "eval.json", half_written)
+        with pytest.raises(Boom):
+            write_netcdf(tmp_path / "smb.nc", tensors, pieces(), "a")
+        real_save = np.save
+
+        def failing_save(f, value, **kwargs):
+            real_save(f, value, **kwargs)
+            raise Boom("disk full")
+
+        monkeypatch.setattr(np, "save", failing_save)
+        with pytest.raises(Boom):
+            save_params(skeleton("a"), tmp_path / "a.eqx")
+    assert list(tmp_path.iterdir()) == []
