@@ -6,8 +6,8 @@ real one.
 Every number that differs between the five glacier regions lives here: where the glaciers lie
 (for the projected CRS and the stake coordinates), the climate of the coarse reanalysis, the
 typical glacier geometry and the regional part of the truth process. Values are chosen so that
-the twin's glacier-wide balances resemble the observed ones (shared/TWIN_FACTS.md); they are
-not fitted to any real series.
+the twin's glacier-wide balances resemble the observed ones (docs/synthetic_twin.md, "Statistics
+of the twin"); they are not fitted to any real series.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """Synthetic twin of the GlaUnTI dataset.
 
-Writes a complete dataset in the published on-disk layout (shared/reference/tiny_dataset/
-FORMAT.md) from a small simulated world: regional reanalysis-like climate on coarse cells,
+Writes a complete dataset in the published on-disk layout (docs/data_format.md) from a small simulated world: regional reanalysis-like climate on coarse cells,
 valley glaciers and ice caps that retreat and thin, and a daily temperature-index truth whose
 parameters vary in space around the published calibrated values. Glacier-wide balances, stake
 readings and facies maps are the truth plus noise and the gaps of real monitoring. The
@@ -278,7 +277,7 @@ def simulate_glacier(name: str, spec: GlacierSpec, index: int, seed: int,
 
 
 def write_glacier(twin: GlacierTwin, folder: Path) -> None:
-    """The files of one glacier (FORMAT.md §1), climate from 1989-10-01 to 31 Dec of max_year."""
+    """The files of one glacier (docs/data_format.md), climate from 1989-10-01 to 31 Dec of max_year."""
     folder.mkdir(parents=True)
     g = twin.geometry
     grid = (g.x, g.y, g.epsg)

@@ -111,7 +111,7 @@ def test_cache_dir_override_and_opt_out(data, tmp_path, monkeypatch):
 
 
 def test_read_only_data_folder_is_never_written(data, netcdf_reads):
-    # Like the shared reference dataset: no write bits (root would be allowed to write anyway).
+    # A data folder without write bits, like a shared install (root would be allowed to write anyway).
     os.chmod(data, 0o555)
     try:
         with pytest.warns(UserWarning, match="without cache"):

@@ -3,7 +3,6 @@ files (read here with xarray/pandas/pyproj, not with the loader), plus folds and
 resolution."""
 
 import gc
-import os
 import weakref
 from pathlib import Path
 
@@ -14,26 +13,17 @@ import pytest
 import xarray as xr
 
 import constants
+from conftest import REFERENCE
 from dataloader import STAKE_CODES, Dataset, DataError, resolve_data_folder
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 TINY = REFERENCE / "tiny_dataset"
 T_MONTHLY = 45.744850158691406
 P_MONTHLY = 0.16851751506328583
 
 
-def require_tiny_dataset() -> Path:
-    """The reference dataset; skipped visibly where absent, a failure under CI."""
-    if not TINY.is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"reference dataset missing at {TINY} (CI=true)")
-        pytest.skip(f"reference dataset not found at {TINY}")
-    return TINY
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return Dataset(require_tiny_dataset(), cache_dir=tmp_path_factory.mktemp("cache"))
+    return Dataset(TINY, cache_dir=tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")

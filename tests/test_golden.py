@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import reference_path
+from conftest import PUBLISHED, reference_path
 from core.evaluation import evaluate
 from core.inference import infer
 from core.loss import aux_to_python
@@ -28,7 +28,7 @@ def expected(*parts):
 
 
 def published(model):
-    return load_model(model, reference_path("published_params", f"{model}.eqx"))
+    return load_model(model, PUBLISHED / f"{model}.eqx")
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_loss_terms_and_gradient(model_name, glaciers):
         np.testing.assert_allclose(float(loss_vg), want["loss_from_value_and_grad"], rtol=RTOL, atol=ATOL)
         leaves = [np.asarray(g, np.float64) for g in jax.tree_util.tree_leaves(grad)]
         norm = float(np.sqrt(sum(np.sum(g**2) for g in leaves)))
-        # C's gradient is sensitive on these tiny grids (reference README: compare to ~1e-3).
+        # C's gradient is sensitive on these tiny grids (tests/reference/README.md: compare to ~1e-3).
         np.testing.assert_allclose(norm, want["grad_global_norm"], rtol=RTOL if model_name == "a" else 1e-3)
         for param, wanted in want.get("grad", {}).items():
             np.testing.assert_allclose(float(getattr(grad, param)), wanted, rtol=RTOL, atol=ATOL,

@@ -2,13 +2,11 @@
 behaviours the rest of the project relies on: padding, continuation, frozen TI parameters
 in GlaUnTI, no recompilation across years of one grid.
 
-The golden tests need ``../shared/reference`` beside the checkout: skipped with a reason
-where it is missing, failed under CI=true (a path mistake must not turn them into skips).
+The fixtures ship with the repository (tests/reference/README.md); the published weights are
+in params/published/.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -30,28 +28,22 @@ from glaunti import (
 )
 from glaunti.ti_model import PRIOR_CONSTRAINED
 
-from conftest import reference_path
+from conftest import PUBLISHED, reference_path
 
 # The fixtures agree to a few float32 ulps (max measured: ~1.4e-6 absolute on GRU SMB of
 # order 1, ~1e-6 relative elsewhere); this is 5× tighter than the project-wide limit.
 TOL = dict(rtol=2e-5, atol=2e-6)
 
 
-def require_reference() -> Path:
-    reference_path("published_params")
-    return reference_path("model_cases.npz").parent
-
-
 @pytest.fixture(scope="module")
 def cases():
-    with np.load(require_reference() / "model_cases.npz") as z:
+    with np.load(reference_path("model_cases.npz")) as z:
         return {k: z[k] for k in z.files}
 
 
 @pytest.fixture(scope="module")
 def published():
-    folder = require_reference() / "published_params"
-    return {kind: load_params(kind, folder / f"{kind}.eqx") for kind in "abcd"}
+    return {kind: load_params(kind, PUBLISHED / f"{kind}.eqx") for kind in "abcd"}
 
 
 # One jitted entry point per method, so tests share compilations.

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import reference_path
+from conftest import PUBLISHED, reference_path
 from core.models import load_model, trainable_filter, uses_facies
 from core.training import make_loss_and_grad
 from glaunti.glacier import cell_bucket, make_arrays
@@ -109,7 +109,7 @@ def _expected():
 
 @pytest.mark.parametrize("model_name,layout", [("a", "cells"), ("a", "padded"), ("b", "cells")])
 def test_training_layouts_match_golden(model_name, layout, tiny_reference_dataset):
-    model = load_model(model_name, reference_path("published_params", f"{model_name}.eqx"))
+    model = load_model(model_name, PUBLISHED / f"{model_name}.eqx")
     trainable, static = eqx.partition(model, trainable_filter(model))
     value_and_grad, _ = make_loss_and_grad()
     for name in tiny_reference_dataset.names:
@@ -178,7 +178,7 @@ def test_cell_chunking_is_exact(model_name, tiny_reference_dataset):
     from core.loss import glacier_loss
     from glaunti import glacier
 
-    model = load_model(model_name, reference_path("published_params", f"{model_name}.eqx"))
+    model = load_model(model_name, PUBLISHED / f"{model_name}.eqx")
     trainable, static = eqx.partition(model, trainable_filter(model))
     tensors = tiny_reference_dataset.glacier(tiny_reference_dataset.names[0])
     arrays = make_arrays(tensors, layout="cells")

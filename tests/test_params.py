@@ -1,13 +1,11 @@
 """Parameter files: our ``.eqx`` files and the published ones are interchangeable.
 
-Tests that need ``../shared/reference`` are skipped with a reason where it is missing and
-fail under CI=true.
+The published files are the ones in params/published/.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -27,19 +25,14 @@ from glaunti import (
     template,
 )
 
-from conftest import REFERENCE, reference_path
+from conftest import PUBLISHED
 
-PUBLISHED = REFERENCE / "published_params"
 KINDS = ("a", "b", "c", "d")
-
-
-def require_published() -> Path:
-    return reference_path("published_params", "manifest.json").parent
 
 
 @pytest.fixture(scope="module")
 def manifest():
-    return json.loads((require_published() / "manifest.json").read_text())
+    return json.loads((PUBLISHED / "manifest.json").read_text())
 
 
 def published_records(kind):
@@ -67,7 +60,6 @@ def test_leaf_order_equals_published_manifest(manifest, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_load_published_and_save_back_bit_exactly(tmp_path, kind):
-    require_published()
     model = load_params(kind, PUBLISHED / f"{kind}.eqx")
     records = published_records(kind)
     loaded = leaves_as_numpy(model)
@@ -82,7 +74,6 @@ def test_load_published_and_save_back_bit_exactly(tmp_path, kind):
 
 
 def test_published_values_land_on_the_right_fields():
-    require_published()
     a = load_params("a", PUBLISHED / "a.eqx")
     # Sharpness priors 10 and 20 are fixed: the last two records of a.eqx, sorted by name.
     np.testing.assert_allclose(jnp.exp(a.t_softplus_sharpness_log), 10.0, rtol=1e-6)

@@ -337,7 +337,7 @@ def _study_years(twin) -> np.ndarray:
 
 def test_balances_plausible(demo_twins):
     """Truth and observed glacier-wide balances per region resemble observed ones
-    (shared/TWIN_FACTS.md: winter +0.7..+2.5, summer -1..-3.5, annual mostly -0.3..-1.5)."""
+    (docs/synthetic_twin.md, Statistics: winter +0.7..+2.5, summer -1..-3.5, annual mostly -0.3..-1.5)."""
     by_region: dict[str, list[np.ndarray]] = {}
     observed_error = []
     for twin in demo_twins:
