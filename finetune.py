@@ -20,6 +20,10 @@ def parser():
                    help="Study years used for training (default 1995 2012)")
     p.add_argument("--val_years", type=int, nargs=2, default=(2013, 2018), metavar=("FIRST", "LAST"),
                    help="Study years used to pick the best epoch (default 2013 2018)")
+    p.add_argument("--validation", choices=("carried", "rerun"), default="carried",
+                   help="carried (default, published): an epoch's validation loss continues its "
+                        "training pass (parameters before the step), no epoch-0 candidate; rerun: "
+                        "validate the parameters after each step and the starting ones")
     p.add_argument("--resume", action="store_true", help="Continue an interrupted run")
     p.add_argument("--quiet", action="store_true", help="No progress bar")
     return p
@@ -33,7 +37,8 @@ def main(argv=None):
     finetune(args.glacier, data_folder=args.data_folder, init_params_path=args.init_params_path,
              final_params_path=args.final_params_path, log_path=args.log_path, epochs=args.epochs,
              learning_rate=args.learning_rate, train_years=tuple(args.train_years),
-             val_years=tuple(args.val_years), resume=args.resume, show_progress=not args.quiet)
+             val_years=tuple(args.val_years), resume=args.resume, show_progress=not args.quiet,
+             validation=args.validation)
     return 0
 
 

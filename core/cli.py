@@ -82,7 +82,7 @@ def positive_float(text: str) -> float:
 
 
 def train_parser(model: str) -> argparse.ArgumentParser:
-    from core.models import DESCRIPTIONS, STARTS_FROM
+    from core.models import DEFAULT_SEED, DESCRIPTIONS, STARTS_FROM
 
     epochs = 100 if model == "b" else 50
     parser = argparse.ArgumentParser(
@@ -96,7 +96,9 @@ def train_parser(model: str) -> argparse.ArgumentParser:
                         help="Adam learning rate (default 1e-3)")
     parser.add_argument("--params_path", default=f"params/{model}.eqx", help="Output params path (.eqx)")
     parser.add_argument("--log_path", default=f"logs/{model}.csv", help="Output log path (.csv)")
-    parser.add_argument("--seed", type=int, default=0, help="Random seed of the initialisation")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help=f"Random seed of the initialisation (default {DEFAULT_SEED}, the "
+                        "authors' key: their initial parameters)")
     parser.add_argument("--resume", action="store_true",
                         help="Continue an interrupted run from its last completed epoch")
     if model in STARTS_FROM:

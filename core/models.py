@@ -20,6 +20,19 @@ DESCRIPTIONS = {
 }
 # The model each variant starts from (MODEL.md §7).
 STARTS_FROM = {"c": "a", "d": "c"}
+# The authors' PRNG key: with it B's and C's initial parameters are theirs, leaf for leaf.
+DEFAULT_SEED = 42
+
+
+# The authors' published weights ship with the project (params/published/README.md).
+PUBLISHED_PARAMS = Path(__file__).resolve().parents[1] / "params" / "published"
+
+
+def published_params_path(name: str) -> Path:
+    """The published parameter file of model ``name``."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+    return PUBLISHED_PARAMS / f"{name}.eqx"
 
 
 def uses_facies(name: str) -> bool:
@@ -27,8 +40,9 @@ def uses_facies(name: str) -> bool:
 
 
 def skeleton(name: str, key=None):
-    """A freshly initialised model of variant ``name`` (A at its prior)."""
-    key = jr.PRNGKey(0) if key is None else key
+    """A freshly initialised model of variant ``name`` (A at its prior; ``key`` defaults to
+    the authors' key ``PRNGKey(DEFAULT_SEED)``)."""
+    key = jr.PRNGKey(DEFAULT_SEED) if key is None else key
     if name == "a":
         return ti_model.TIModel.prior()
     if name == "b":
@@ -56,9 +70,10 @@ def trainable_filter(model):
     raise TypeError(f"not a GlaUnTI model: {type(model).__name__}")
 
 
-def initial_model(name: str, seed: int = 0, params_folder: str | Path = "params", start_path=None):
+def initial_model(name: str, seed: int = DEFAULT_SEED, params_folder: str | Path = "params",
+                  start_path=None):
     """The starting point of calibration: A's prior, a random B, C from calibrated A (new corrector),
-    D from calibrated C."""
+    D from calibrated C. The default seed reproduces the authors' initial parameters."""
     key = jr.PRNGKey(seed)
     model = skeleton(name, key)
     if name in STARTS_FROM:

@@ -11,7 +11,14 @@ from core.data import GlacierSet, with_study_years
 from core.evaluation import evaluate
 from core.inference import iter_daily_smb, write_netcdf
 from core.io import atomic_write_json, check_output_paths
-from core.models import STARTS_FROM, initial_model, load_model, uses_facies
+from core.models import (
+    DEFAULT_SEED,
+    STARTS_FROM,
+    initial_model,
+    load_model,
+    published_params_path,
+    uses_facies,
+)
 from core.training import TrainConfig, train
 from dataloader import DataError, Dataset, resolve_data_folder
 from glaunti.glacier import layout_for, make_arrays
@@ -19,7 +26,7 @@ from glaunti.params import load_params
 
 
 def calibrate(model_name: str, data_folder=None, epochs=50, learning_rate=1e-3,
-              params_path=None, log_path=None, seed=0, resume=False, init_params_path=None,
+              params_path=None, log_path=None, seed=DEFAULT_SEED, resume=False, init_params_path=None,
               show_progress=True):
     """Train model ``model_name`` on the training folds; returns (best model, final state).
 
@@ -62,7 +69,8 @@ def infer_and_evaluate(model_name: str, glacier: str, smb_path, eval_path, param
     dataset = Dataset(resolve_data_folder(data_folder))
     dataset.info(glacier)  # an unknown name fails before anything is loaded
     if model is None:
-        model = load_model(model_name, params_path or f"params/{model_name}.eqx", unfreeze_ti)
+        params_path = resolve_params_path(model_name, params_path)
+        model = load_model(model_name, params_path, unfreeze_ti)
     tensors = dataset.glacier(glacier)
     arrays = make_arrays(tensors, facies=uses_facies(model_name))
     first_day, n_days = write_netcdf(smb_path, tensors, iter_daily_smb(model, arrays, tensors), model_name)
@@ -72,8 +80,19 @@ def infer_and_evaluate(model_name: str, glacier: str, smb_path, eval_path, param
         nc.set_auto_mask(False)
         daily = nc.variables["smb"]
         result = evaluate(tensors, _Lazy(daily), first_day)
+    if params_path is not None:
+        result["params"] = str(params_path)
     atomic_write_json(eval_path, result)
     return result
+
+
+def resolve_params_path(model_name: str, params_path=None) -> Path:
+    """``params_path`` if given; else ``params/<model>.eqx`` once trained here; else the
+    published weights that ship with the project."""
+    if params_path is not None:
+        return Path(params_path)
+    trained = Path(f"params/{model_name}.eqx")
+    return trained if trained.is_file() else published_params_path(model_name)
 
 
 def _check_glaciers(dataset: Dataset, val_names, train_names) -> None:
@@ -99,9 +118,15 @@ class _Lazy:
 
 def finetune(glacier: str, data_folder=None, init_params_path="params/a.eqx",
              final_params_path=None, log_path=None, epochs=250, learning_rate=1e-2,
-             train_years=(1995, 2012), val_years=(2013, 2018), resume=False, show_progress=True):
+             train_years=(1995, 2012), val_years=(2013, 2018), resume=False, show_progress=True,
+             validation="carried"):
     """Per-glacier transfer learning of model A (MODEL.md §7): train on ``train_years``, keep the
-    epoch that is best on ``val_years``."""
+    epoch that is best on ``val_years``.
+
+    ``validation="carried"`` is the published rule (an epoch's validation loss continues its
+    training pass, no epoch-0 candidate); ``"rerun"`` validates the parameters after each step
+    and the starting ones, so that the kept parameters are exactly those validated
+    (``core.training``)."""
     safe = glacier.replace(" ", "_")
     final_params_path = Path(final_params_path or f"params/a_{safe}.eqx")
     log_path = Path(log_path or f"logs/a_{safe}.csv")
@@ -121,6 +146,6 @@ def finetune(glacier: str, data_folder=None, init_params_path="params/a.eqx",
     val_arrays = with_study_years(arrays, years, *val_years)
     config = TrainConfig(
         epochs=epochs, learning_rate=learning_rate, params_path=final_params_path, log_path=log_path,
-        resume=resume, show_progress=show_progress,
+        resume=resume, show_progress=show_progress, validation=validation,
     )
     return train(model, lambda: [(glacier, train_arrays)], lambda: [(glacier, val_arrays)], config)

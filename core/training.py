@@ -2,7 +2,16 @@
 
 One optimiser step per epoch on the sum of the per-glacier gradients over all training glaciers
 (global-norm clipping at 5, then Adam). Validation loss (mean data loss over validation glaciers)
-is computed before the first step and after every step; the best epoch's parameters are kept.
+follows one of two published rules (``TrainConfig.validation``):
+
+- ``"rerun"`` (calibration, train_*.py): computed before the first step (epoch 0) and after
+  every step; the best epoch's parameters are kept.
+- ``"carried"`` (fine-tuning, finetune.py): epoch e's validation loss continues epoch e's
+  training pass, i.e. it is the loss of the parameters *before* step e, and there is no epoch-0
+  candidate; when it improves, the parameters after step e (those the loop holds once the loss
+  is known) are kept.
+  The whole-glacier run does not depend on which years are scored, so scoring the validation
+  years of a run with those parameters equals carrying the state on from the training years.
 Each glacier's loss and gradient come from one compiled function (spin-up and all study years),
 compiled once per glacier shape (once per size bucket in the training layouts of
 ``glaunti.glacier``) and reused every epoch.
@@ -59,6 +68,10 @@ class TrainConfig:
     resume: bool = False
     checkpoint: bool = True
     show_progress: bool = True
+    validation: str = "rerun"  # or "carried": see the module docstring
+
+
+VALIDATION_RULES = ("rerun", "carried")
 
 
 def make_optimiser(learning_rate: float):
@@ -296,6 +309,10 @@ def train(
             one glacier at a time. A ``core.data.GlacierSet`` is also asked to load only this
             process's glaciers, directly onto their devices.
     """
+    if config.validation not in VALIDATION_RULES:
+        raise ValueError(f"unknown validation rule {config.validation!r}; expected one of "
+                         f"{', '.join(VALIDATION_RULES)}")
+    carried = config.validation == "carried"
     filter_spec = trainable_filter(model)
     trainable, static = eqx.partition(model, filter_spec)
     optimiser = make_optimiser(config.learning_rate)
@@ -321,7 +338,7 @@ def train(
             raise TrainingError("no validation glaciers: the validation set is empty")
         return float(np.mean(losses))
 
-    if not resumed:
+    if not resumed and not carried:
         t0 = time.perf_counter()
         state.best_val = validate(state.trainable, 0, t0)
         state.best_epoch = 0
@@ -338,10 +355,13 @@ def train(
         grads, results = epoch_gradient(value_and_grad, state.trainable, static, train_set, placement, epoch)
         for r in results:
             log.add(_row(epoch, r.name, "train", r.loss, r.terms, None))
+        if carried:  # the parameters of this epoch's training pass
+            val = validate(state.trainable, epoch, t0)
         updates, opt_state = optimiser.update(grads, state.opt_state, state.trainable)
         state.trainable = eqx.apply_updates(state.trainable, updates)
         state.opt_state = opt_state
-        val = validate(state.trainable, epoch, t0)
+        if not carried:
+            val = validate(state.trainable, epoch, t0)
         state.epoch = epoch
         if val < state.best_val:
             state.best_val, state.best_epoch, state.best_trainable = val, epoch, state.trainable
@@ -357,6 +377,8 @@ def train(
                 state.save(ckpt)
         bar.set_postfix(train=f"{sum(r.loss for r in results):.4f}", val=f"{val:.4f}",
                         best=f"{state.best_val:.4f}@{state.best_epoch}", s=f"{elapsed:.2f}")
+    if main and not math.isfinite(state.best_val):  # "carried" with no epoch run: keep the start
+        save_params(eqx.combine(state.best_trainable, static), config.params_path)
     distributed.sync("glaunti-train-end")
     return eqx.combine(state.best_trainable, static), state
 

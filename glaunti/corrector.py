@@ -121,7 +121,9 @@ class Branch2D(eqx.Module):
     bottleneck: DoubleBlock
 
     def __init__(self, key: PRNGKeyArray):
-        k_in, k_b, *k_downs = jr.split(key, 2 + N_DOWN)
+        # Key order of the authors' construction (in_conv, downs, bottleneck): with it, the
+        # same seed gives their initial parameters leaf for leaf.
+        k_in, *k_downs, k_b = jr.split(key, 2 + N_DOWN)
         self.in_conv = eqx.nn.Conv2d(N_FIELDS, WIDTH_2D, 1, use_bias=False, key=k_in)
         self.downs = [Down(WIDTH_2D, k) for k in k_downs]
         self.bottleneck = DoubleBlock(WIDTH_2D, 2, k_b)

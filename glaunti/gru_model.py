@@ -20,6 +20,7 @@ from glaunti.ti_model import default_weights
 
 HIDDEN_SIZE = 16
 N_INPUTS = 2  # [P / p_monthly_norm, T / t_monthly_norm]
+INIT_H_SCALE = 0.01  # standard deviation of the initial learned state
 
 
 def gru_cells_step(cell: eqx.nn.GRUCell, x: Float[Array, "N 2"], h: Float[Array, "N 16"]):
@@ -57,13 +58,15 @@ class GRUModel(eqx.Module):
     init_h: Float[Array, " 16"]
 
     def __init__(self, key: PRNGKeyArray | None = None, hidden_size: int = HIDDEN_SIZE):
-        """Random Equinox-default initialisation (``key`` defaults to PRNGKey(0)); the
-        initial state starts at zero and is learned."""
+        """Random Equinox-default initialisation of the cell and read-out (``key`` defaults
+        to PRNGKey(0)); the learned initial state starts as ``INIT_H_SCALE`` · N(0, 1).
+
+        Keys and scale are the authors': the same key gives their initial parameters."""
         key = jr.PRNGKey(0) if key is None else key
-        k_rnn, k_out = jr.split(key)
+        k_rnn, k_out, k_h = jr.split(key, 3)
         self.rnn = eqx.nn.GRUCell(N_INPUTS, hidden_size, key=k_rnn)
         self.out = eqx.nn.Linear(hidden_size, 1, key=k_out)
-        self.init_h = jnp.zeros((hidden_size,), jnp.float32)
+        self.init_h = INIT_H_SCALE * jr.normal(k_h, (hidden_size,), jnp.float32)
 
     def run(
         self,

@@ -181,7 +181,7 @@ def test_finetune_on_one_glacier(trained, tiny_twin, tmp_path):
     model = load_model("a", final)
     rows = list(csv.DictReader(open(tmp_path / "ft.csv")))
     assert {r["glacier"] for r in rows} == {glacier}
-    assert len(rows) == 4 + 3  # validation at epochs 0..3, training at 1..3
+    assert len(rows) == 3 + 3  # published rule: validation and training at epochs 1..3, no epoch 0
     assert model is not None
 
 
