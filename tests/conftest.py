@@ -27,6 +27,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "tests" / "reference"
 PUBLISHED = REPO / "params" / "published"
+# Real public sources of Hintereisferner, shipped as the own-glacier example.
+EXAMPLE_SOURCES = REPO / "examples" / "hintereisferner" / "sources"
 
 # Inherited variables that change what the code under test does.
 REMOVED_PREFIXES = ("GLAUNTI_", "SLURM_", "JAX_")

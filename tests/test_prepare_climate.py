@@ -15,7 +15,8 @@ import dataloader.prepare.climate as climate_module
 from dataloader.errors import DataError
 from dataloader.prepare.climate import G, nearest_cells, open_climate, write_climate
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import EXAMPLE_SOURCES
+
 EPSG = 32632
 # A 2 x 3 glacier grid whose cell centres straddle the boundary 10.75 E between two reanalysis
 # columns and the boundary 46.85 N between two rows (ERA5 order: latitude descending).
@@ -285,11 +286,7 @@ def test_sea_cell_nan_is_an_error(tmp_path):
 
 
 def real_source(name: str) -> Path:
-    for folder in (REPO / "examples" / "hintereisferner" / "sources",
-                   REPO.parent / "shared" / "real" / "oetztal_sources"):
-        if (folder / name).is_file():
-            return folder / name
-    pytest.skip(f"{name} not available")
+    return EXAMPLE_SOURCES / name
 
 
 def test_real_era5_land_monthly_around_hintereisferner(tmp_path):

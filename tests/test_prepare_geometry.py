@@ -30,7 +30,8 @@ from dataloader.prepare.outlines import (
 )
 from dataloader.prepare.terrain import dem_fields
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import EXAMPLE_SOURCES
+
 UTM = 32632
 X0, Y0 = 650_000.0, 5_190_000.0   # a 100 m corner in UTM 32N (Oetztal Alps)
 
@@ -62,12 +63,7 @@ def small_grid(height=12, width=14) -> Grid:
 
 
 def real_sources() -> Path:
-    """The bundled example sources if the repo has them, else the shared copy (skip if none)."""
-    for folder in (REPO / "examples" / "hintereisferner" / "sources",
-                   REPO.parent / "shared" / "real" / "oetztal_sources"):
-        if (folder / "rgi_oetztal.shp").exists() and (folder / "srtm_oetztal.tif").exists():
-            return folder
-    pytest.skip("Oetztal example sources not available")
+    return EXAMPLE_SOURCES
 
 
 # ---------------------------------------------------------------- grid

@@ -19,10 +19,9 @@ import constants
 import prepare_glacier
 from dataloader import Dataset
 from dataloader.layout import NORMALISATION_FACTORS
+from conftest import EXAMPLE_SOURCES as SOURCES
 from georeferencing import assert_georeferenced
 
-REPO = Path(__file__).resolve().parents[1]
-SOURCES = REPO / "examples" / "hintereisferner" / "sources"
 UTM32 = "EPSG:32632"
 
 

@@ -21,16 +21,13 @@ from dataloader.prepare.observations import (
     total_smb_table,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import EXAMPLE_SOURCES
+
 D = np.datetime64
 
 
 def real_source(name: str) -> Path:
-    for folder in (REPO / "examples" / "hintereisferner" / "sources",
-                   REPO.parent / "shared" / "real" / "oetztal_sources"):
-        if (folder / name).is_file():
-            return folder / name
-    pytest.skip(f"{name} not available")
+    return EXAMPLE_SOURCES / name
 
 
 def dates_of(frame: pd.DataFrame, year: int) -> tuple:

@@ -13,13 +13,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
-import rasterio
 from rasterio.enums import Resampling
 from rasterio.warp import reproject
 
 from dataloader.errors import DataError
 from dataloader.layout import FACIES_BANDS
-from dataloader.prepare.grid import Grid, raster_crs, window_of
+from dataloader.prepare.grid import Grid, open_raster, window_of
 
 N_CLASSES = len(FACIES_BANDS) - 1  # 8 classes, then the confidence band
 CLASS_NODATA = -9999
@@ -49,12 +48,7 @@ def _to_grid(field: np.ndarray, transform, crs, grid: Grid) -> np.ndarray:
 
 
 def _read(path: Path, grid: Grid):
-    try:
-        src = rasterio.open(path)
-    except rasterio.errors.RasterioIOError as error:
-        raise DataError(path, None, f"could not be read as a raster ({error})") from error
-    with src:
-        raster_crs(src, path)
+    with open_raster(path) as src:
         window, _ = window_of(src, grid)
         if window is None:
             raise DataError(path, None, "does not overlap the glacier grid")

@@ -239,7 +239,7 @@ def _prepare(folder: Path, name: str, sources: Sources, options: Options, verbos
     z, zstddev, dem_info = dem_fields(sources.dem, grid)
     z_years = np.broadcast_to(z, masks.shape)
 
-    glacier_wide, seasonal, obs_info = None, None, {}
+    glacier_wide, obs_info = None, {}
     if sources.glacier_wide is not None:
         glacier_wide, obs_info["glacier_wide"] = observations.read_glacier_wide(
             sources.glacier_wide, int(years[0]), int(years[-1]))

@@ -10,9 +10,11 @@ centres at ``x_left + (col + ½)·100`` and ``y_top − (row + ½)·100``.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyproj
@@ -176,6 +178,18 @@ def raster_crs(src: rasterio.io.DatasetReader, path) -> CRS:
     if src.crs is None:
         raise DataError(path, None, "has no CRS (georeferencing), expected a GeoTIFF with one")
     return src.crs
+
+
+@contextmanager
+def open_raster(path) -> Iterator[rasterio.io.DatasetReader]:
+    """An open raster that has a CRS; anything else is refused, naming the file."""
+    try:
+        src = rasterio.open(path)
+    except rasterio.errors.RasterioIOError as error:
+        raise DataError(path, None, f"could not be read as a raster ({error})") from error
+    with src:
+        raster_crs(src, path)
+        yield src
 
 
 def window_of(src, grid: Grid, pad: int = 2) -> tuple[Window | None, bool]:

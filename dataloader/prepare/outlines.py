@@ -14,14 +14,13 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 import pyogrio
-import rasterio
 import shapely
 from rasterio.enums import Resampling
 from rasterio.features import rasterize, shapes
 from rasterio.warp import reproject
 
 from dataloader.errors import DataError
-from dataloader.prepare.grid import Grid, block_mean, raster_crs, to_crs, window_of
+from dataloader.prepare.grid import Grid, block_mean, open_raster, to_crs, window_of
 
 # Columns tried first for ids and names; any other text column is tried after them.
 ID_FIELDS = ("RGIId", "rgi_id", "RGIID", "glac_id", "GLIMSId", "glims_id", "id", "ID")
@@ -155,7 +154,6 @@ def rasterise_outline(outline, grid: Grid, source=None) -> np.ndarray:
 def _read_probabilities(path, src, window=None) -> np.ndarray:
     """Glacier probability (band 2) of an ICEmapper raster in ``window``, NaN where no data;
     both bands are checked to be probabilities."""
-    raster_crs(src, path)
     if src.count != 2:
         raise DataError(path, None, f"has {src.count} band(s), expected 2 (ICEmapper softmax: "
                                     "background, glacier)")
@@ -175,7 +173,7 @@ def icemapper_footprint(paths: dict[int, Path], threshold: float = 0.5) -> shape
     glacier: every glacier pixel of them enters the footprint."""
     parts = []
     for year, path in sorted(paths.items()):
-        with rasterio.open(path) as src:
+        with open_raster(path) as src:
             glacier = _read_probabilities(path, src) >= threshold
             if not glacier.any():
                 raise DataError(path, None, f"has no pixel with glacier probability ≥ "
@@ -193,8 +191,7 @@ def icemapper_masks(paths: dict[int, Path], grid: Grid,
     ≥ ``threshold``. Cells the raster does not cover count as not glacier."""
     masks = {}
     for year, path in sorted(paths.items()):
-        with rasterio.open(path) as src:
-            raster_crs(src, path)
+        with open_raster(path) as src:
             window, _ = window_of(src, grid)
             if window is None:
                 raise DataError(path, None, "does not overlap the glacier grid")

@@ -18,13 +18,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import rasterio
 from rasterio.enums import Resampling
 from rasterio.warp import reproject
 
 from dataloader.errors import DataError
 from dataloader.layout import CELL
-from dataloader.prepare.grid import Grid, pixel_size_m, raster_crs, window_of
+from dataloader.prepare.grid import Grid, pixel_size_m, open_raster, window_of
 
 SUBCELLS = 10            # sub-cells per cell side
 MAX_STRIP_PIXELS = 20_000_000   # DEM pixels read at once (~160 MB as float64)
@@ -92,12 +91,7 @@ def dem_fields(path, grid: Grid) -> tuple[np.ndarray, np.ndarray, dict]:
     no error is raised), elevation range.
     """
     path = Path(path)
-    try:
-        src = rasterio.open(path)
-    except rasterio.errors.RasterioIOError as error:
-        raise DataError(path, None, f"could not be read as a raster ({error})") from error
-    with src:
-        raster_crs(src, path)
+    with open_raster(path) as src:
         resolution = pixel_size_m(src, grid)
         fine = resolution <= CELL / SUBCELLS
         # Grid rows per strip so that each strip reads at most MAX_STRIP_PIXELS DEM pixels.
