@@ -1,4 +1,4 @@
-"""Project-wide constants of GlaUnTI (MODEL.md, FORMAT.md).
+"""Project-wide constants of GlaUnTI (docs/model.md, docs/data_format.md).
 
 Physical and dataset constants live here so that every module uses one value for one thing.
 ``data_folder`` is the last fallback of the data-folder resolution order
@@ -24,7 +24,10 @@ lapse_rate = -0.0060
 # Date weight of stakes: exp(-(delta/tau)^2) per end (days).
 stake_date_tau = 6.355375070295649
 
-# Normalisation divisors of the corrector / GRU inputs (dataset-wide constants).
+# Normalisation divisors of the corrector / GRU inputs: the published dataset-wide values the
+# published weights were trained with. This is their one home. The models divide by them; a
+# dataset's normalisation_factors.pkl (written from them by dataloader.layout) must hold the same
+# values, which dataloader.dataset checks before the reader normalises the monthly climate.
 elevation_norm = 4341.383118842848
 elevation_std_norm = 5699.1201273232155
 t_monthly_norm = 45.744850158691406
@@ -35,7 +38,13 @@ facies_bands = (
 )
 facies_placeholder = -1.0
 
-# Smallest grid side the corrector accepts (three 2x2 poolings), MODEL.md §9.9.
+# Smallest grid side the corrector accepts (three 2x2 poolings), docs/model.md §9.
 min_grid_side = 8
 
+# The seasons of a balance year, in the order of the glacier-wide balance columns
+# (GlacierTensors.glacier_wide) and of the model outputs.
 balance_codes = ("annual", "winter", "summer")
+# `balance_code` of a stake reading (point_smb.csv); GlacierTensors.stake_code is the position in
+# this tuple. 'index' readings (intermediate probings) are evaluated but never calibrated on.
+stake_codes = (*balance_codes, "index")
+index_stake_code = stake_codes.index("index")  # 3

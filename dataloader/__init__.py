@@ -11,7 +11,7 @@ from dataloader.cache import CACHE_DIR_ENV, CACHE_VERSION, GlacierCache, resolve
 from dataloader.dataset import DATA_FOLDER_ENV, Dataset, resolve_data_folder
 from dataloader.errors import DataError
 from dataloader.reader import GlacierInfo, read_glacier
-from dataloader.tensors import STAKE_CODES, GlacierTensors
+from dataloader.tensors import GlacierTensors
 
 __all__ = [
     "CACHE_DIR_ENV",
@@ -22,7 +22,6 @@ __all__ = [
     "GlacierCache",
     "GlacierInfo",
     "GlacierTensors",
-    "STAKE_CODES",
     "read_glacier",
     "resolve_cache_dir",
     "resolve_data_folder",

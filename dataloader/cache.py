@@ -30,7 +30,9 @@ import numpy as np
 import constants
 from dataloader import tensors as T
 
-# Bump whenever the preparation (reader/tensors) changes what ends up in the cache.
+# Bump whenever the preparation changes what ends up in the cache: the key holds this version and
+# the source files' stats, not the code. The preparation is reader.py, rasters.py,
+# climate_columns.py, tables.py and tensors.py (and the constants they use).
 CACHE_VERSION = 2  # 2: climate stored as distinct cell columns + climate_cell
 
 CACHE_DIR_ENV = "GLAUNTI_CACHE_DIR"

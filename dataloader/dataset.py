@@ -17,12 +17,14 @@ import constants
 from dataloader import reader
 from dataloader.cache import GlacierCache, resolve_cache_dir
 from dataloader.errors import DataError
+from dataloader.layout import NORMALISATION_FACTORS
 from dataloader.tensors import GlacierTensors
 
 DATA_FOLDER_ENV = "GLAUNTI_DATA_FOLDER"
 INDEX = "index.csv"
 NORMALISATION = "normalisation_factors.pkl"
 INT_COLUMNS = ("fold", "max_year", "height", "width")
+# The factors the models use. Their values live in constants.py: a dataset's file must agree.
 NORMALISATION_KEYS = ("elevation", "elevation_std", "t_monthly", "p_monthly")
 
 _REPOSITORY = Path(__file__).resolve().parents[1]
@@ -81,7 +83,13 @@ def read_index(path: Path) -> list[reader.GlacierInfo]:
 
 
 def read_normalisation(path: Path) -> dict[str, float]:
-    """normalisation_factors.pkl: a dict str → positive float with at least NORMALISATION_KEYS."""
+    """normalisation_factors.pkl: a dict str → positive float with at least NORMALISATION_KEYS,
+    each equal to the published value in constants.py.
+
+    The divisors belong to the published weights, not to the data at hand, and their one home is
+    constants.py (the models divide by those values); a file with other values is refused rather
+    than used for the monthly climate alone.
+    """
     if not path.is_file():
         raise DataError(path, None, "is missing (required file)")
     try:
@@ -95,11 +103,15 @@ def read_normalisation(path: Path) -> dict[str, float]:
         value = factors.get(key)
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise DataError(path, f"key {key!r}", f"is {value!r}, expected a positive number")
+    for key in NORMALISATION_KEYS:
+        if float(factors[key]) != NORMALISATION_FACTORS[key]:
+            raise DataError(path, f"key {key!r}", f"is {factors[key]!r}, expected the published "
+                            f"{NORMALISATION_FACTORS[key]!r} (constants.py) that the models use")
     return {str(k): float(v) for k, v in factors.items()}
 
 
 class Dataset:
-    """A GlaUnTI dataset folder (tiny_dataset/FORMAT.md).
+    """A GlaUnTI dataset folder (docs/data_format.md).
 
     Args:
         data_folder: dataset root; None resolves it with `resolve_data_folder()`.

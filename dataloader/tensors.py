@@ -14,10 +14,6 @@ import numpy as np
 
 import constants
 
-# Stake balance codes; a stake's `stake_code` is the position in this tuple.
-STAKE_CODES = (*constants.balance_codes, "index")
-INDEX_CODE = STAKE_CODES.index("index")
-
 # A balance-year window spans 12-14 calendar months (partial months at both ends count).
 MAX_MONTHS = 14
 

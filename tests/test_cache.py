@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import dataloader.reader
-from dataloader import Dataset, DataError, GlacierTensors, CACHE_DIR_ENV
+from dataloader import CACHE_DIR_ENV, DataError, Dataset, GlacierTensors
 from dataloader.tensors import SCALAR_FIELDS, array_fields
 
 GLACIER = "Synth Ferner"

@@ -14,7 +14,8 @@ import xarray as xr
 
 import constants
 from conftest import REFERENCE
-from dataloader import STAKE_CODES, Dataset, DataError, resolve_data_folder
+from constants import stake_codes as STAKE_CODES
+from dataloader import DataError, Dataset, resolve_data_folder
 
 TINY = REFERENCE / "tiny_dataset"
 T_MONTHLY = 45.744850158691406

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-import dataloader.reader as reader
+import dataloader.climate_columns as climate_columns
 from dataloader import Dataset
 
 GLACIER = "Synth Ferner"
@@ -69,17 +69,17 @@ def edit_variable(path: Path, variable: str, change) -> None:
 
 def small_windows(monkeypatch, days: int = 250) -> None:
     """Read the climate in windows of `days` days (the tiny files are one HDF5 chunk)."""
-    monkeypatch.setattr(reader, "_day_windows", lambda variables, n_days, n_cells: [
+    monkeypatch.setattr(climate_columns, "_day_windows", lambda variables, n_days, n_cells: [
         (start, min(start + days, n_days)) for start in range(0, n_days, days)])
 
 
-# Each path of `_read_climate` must give the same columns.
+# Each path of `read_climate` must give the same columns.
 PATHS = {
     "one pass": lambda mp: None,
     "small windows": lambda mp: small_windows(mp),
-    "second pass": lambda mp: (small_windows(mp), mp.setattr(reader, "CLIMATE_KEEP_VALUES", 0)),
+    "second pass": lambda mp: (small_windows(mp), mp.setattr(climate_columns, "CLIMATE_KEEP_VALUES", 0)),
     "hash collisions": lambda mp: (small_windows(mp), mp.setattr(
-        reader, "_column_hash", lambda bits, seed: np.zeros(bits.shape[1], np.uint64))),
+        climate_columns, "_column_hash", lambda bits, seed: np.zeros(bits.shape[1], np.uint64))),
 }
 
 
@@ -195,11 +195,11 @@ def test_paths_agree_on_the_twin(tiny_twin, monkeypatch):
 
 
 def test_day_windows_follow_the_file_chunks(monkeypatch):
-    monkeypatch.setattr(reader, "CLIMATE_CHUNK_VALUES", 2 * 1000 * 100)  # 1000 days of 100 cells
+    monkeypatch.setattr(climate_columns, "CLIMATE_CHUNK_VALUES", 2 * 1000 * 100)  # 1000 days of 100 cells
 
     def windows(*chunks):
         variables = [SimpleNamespace(encoding={"chunksizes": (c, 10, 10)} if c else {}) for c in chunks]
-        return reader._day_windows(variables, 2500, 100)
+        return climate_columns._day_windows(variables, 2500, 100)
 
     assert windows(133, 133)[:2] == [(0, 931), (931, 1862)]  # whole chunks of both files
     assert windows(100, 150)[0] == (0, 900)  # lcm 300

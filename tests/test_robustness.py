@@ -247,8 +247,8 @@ REVIEWED = {
     "core/inference.py",  # write_netcdf writes inside core.io.atomic_path
     "core/demo.py",  # the figure: temporary file + replace
     "core/own_glacier.py",  # the figure: inside core.io.atomic_path
-    "dataloader/synthetic.py",  # the twin: built in a temporary folder and renamed
-    "dataloader/layout.py",  # (called by synthetic.py and prepare/glacier.py on temporary folders)
+    "dataloader/synthetic/generator.py",  # the twin: built in a temporary folder and renamed
+    "dataloader/layout.py",  # (called by synthetic/generator.py and prepare/glacier.py on temporary folders)
     "dataloader/prepare/glacier.py",  # the glacier: built in a temporary folder and renamed
 }
 
@@ -387,7 +387,8 @@ def test_non_finite_training_stops_and_keeps_params(small, tmp_path, monkeypatch
 
 def test_params_that_produce_nan_stop_finetuning(tiny_twin, tmp_path, capsys):
     """Finite but absurd parameters (precipitation scale e^60 overflows float32): the first
-    validation already fails, naming the glacier and epoch 0; yesterday's result survives."""
+    training pass already fails (fine-tuning has no epoch-0 validation, as published), naming the
+    glacier and epoch 1; yesterday's result survives."""
     from glaunti.ti_model import TIModel
 
     absurd = eqx.tree_at(lambda m: m.prec_scale_log, TIModel.prior(), np.float32(60.0))
@@ -401,7 +402,7 @@ def test_params_that_produce_nan_stop_finetuning(tiny_twin, tmp_path, capsys):
                           "--train_years", "1995", "1996", "--val_years", "1997", "1998", "--quiet"])
     line = _one_error_line(capsys.readouterr().err)
     assert code == 2
-    assert f"non-finite validation loss for glacier '{glacier}' at epoch 0" in line
+    assert f"non-finite training loss for glacier '{glacier}' at epoch 1" in line
     assert final.read_bytes() == previous
     assert not log.exists()
     assert not _temporaries(tmp_path)

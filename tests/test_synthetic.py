@@ -1,4 +1,4 @@
-"""The synthetic twin (dataloader/synthetic.py): published layout, determinism, plausibility,
+"""The synthetic twin (dataloader/synthetic/): published layout, determinism, plausibility,
 and that the project's own loader reads it."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import xarray as xr
 
 import constants
 from dataloader import synthetic
-from dataloader._synthetic_truth import PREC_PER_METRE
 from dataloader.synthetic import generate
+from dataloader.synthetic.truth import PREC_PER_METRE
 
 REQUIRED_FILES = ("temperature.nc", "precipitation.nc", "orography.nc", "dem.nc", "outlines.nc",
                   "total_smb.csv")
@@ -439,7 +439,7 @@ def test_science_preset_has_enough_training_glaciers():
 
 
 def test_stakes_are_truth_plus_noise(demo_twins):
-    from dataloader._synthetic_truth import period_weights
+    from dataloader.synthetic.truth import period_weights
 
     for twin in demo_twins:
         if not twin.stakes:

@@ -10,8 +10,8 @@ import numpy as np
 import pyproj
 from scipy.ndimage import binary_erosion, gaussian_filter, maximum_filter
 
-from dataloader._synthetic_regions import Area, Region
 from dataloader.layout import CELL
+from dataloader.synthetic.regions import Area, Region
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The twin's truth: a daily temperature-index process per grid cell.
 
-The equations are those of the TI model (docs/synthetic_twin.md, MODEL.md §2) with every day
+The equations are those of the TI model (docs/synthetic_twin.md, docs/model.md §2) with every day
 weighted 1, driven by the glacier's true local climate (smooth in space, true lapse rate) rather
 than by the blocky reanalysis of the files. The parameters vary from cell to cell with things a
 corrector can see (elevation, roughness, debris, shading, region) around the published
@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dataloader._synthetic_climate import BlockClimate
-from dataloader._synthetic_geometry import Geometry, smooth_noise
-from dataloader._synthetic_regions import TRUE_LAPSE_RATE, Region
+from dataloader.synthetic.climate import BlockClimate
+from dataloader.synthetic.geometry import Geometry, smooth_noise
+from dataloader.synthetic.regions import TRUE_LAPSE_RATE, Region
 
-# Published calibrated values of the TI model (TWIN_FACTS.md); the truth is centred near them.
+# Published calibrated values of the TI model (docs/synthetic_twin.md, "The truth"); the truth is
+# centred near them.
 PREC_SCALE = 1.38
 DDF_SNOW = 0.00496
 DDF_RELATIVE_ICE = 1.51

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.signal import lfilter
 
-from dataloader._synthetic_regions import (
+from dataloader.synthetic.regions import (
     TREND_CENTRE_YEAR,
     TRUE_LAPSE_RATE,
     WARMING_TREND,

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from dataloader._synthetic_geometry import CELL, Geometry, smooth_noise, to_lonlat
-from dataloader._synthetic_regions import Region
-from dataloader._synthetic_truth import Truth, period_weights
+from dataloader.synthetic.geometry import CELL, Geometry, smooth_noise, to_lonlat
+from dataloader.synthetic.regions import Region
+from dataloader.synthetic.truth import Truth, period_weights
 
 # Measurement noise (m w.e.): glacier-wide winter/summer/annual, stakes per balance code.
 GLACIER_WIDE_NOISE = {"winter": 0.08, "summer": 0.1, "annual": 0.1}
