@@ -38,7 +38,7 @@ facies_bands = (
 )
 facies_placeholder = -1.0
 
-# Smallest grid side the corrector accepts (three 2x2 poolings), docs/model.md §9.
+# Smallest grid side the corrector accepts (three 2x2 poolings), docs/model.md §9.9.
 min_grid_side = 8
 
 # The seasons of a balance year, in the order of the glacier-wide balance columns

@@ -1,4 +1,5 @@
-"""Fine-tune model A on one glacier (per-glacier transfer learning)."""
+"""Fine-tune model A on one glacier (per-glacier transfer learning): train on its early study
+years, keep the epoch that is best on its later ones."""
 
 import argparse
 import sys
@@ -21,9 +22,12 @@ def parser():
     p.add_argument("--val_years", type=int, nargs=2, default=(2013, 2018), metavar=("FIRST", "LAST"),
                    help="Study years used to pick the best epoch (default 2013 2018)")
     p.add_argument("--validation", choices=("carried", "rerun"), default="carried",
-                   help="carried (default, published): an epoch's validation loss continues its "
-                        "training pass (parameters before the step), no epoch-0 candidate; rerun: "
-                        "validate the parameters after each step and the starting ones")
+                   help="carried (default, published): the validation years continue the "
+                        "epoch's training pass (its state at the end of the training years, "
+                        "computed before the step) with the parameters after the step; no epoch-0 "
+                        "candidate. rerun: run all years with the parameters after each step "
+                        "(and the starting ones), so the kept parameters are exactly those "
+                        "validated")
     p.add_argument("--resume", action="store_true", help="Continue an interrupted run")
     p.add_argument("--quiet", action="store_true", help="No progress bar")
     return p

@@ -16,8 +16,9 @@ def parser():
     p.add_argument("--params_path", default=None,
                    help="Params path (.eqx); default params/<model>.eqx if trained, else the published "
                         "weights params/published/<model>.eqx")
-    p.add_argument("--unfreeze_ti", action="store_true",
-                   help="Load with unfrozen TI params (e.g. for finetuned models)")
+    # The authors' flag loaded C/D files whose TI parameters were trained too. Here only A is
+    # fine-tuned (finetune.py), and a fine-tuned A loads as any A: the flag is refused, not ignored.
+    p.add_argument("--unfreeze_ti", action="store_true", help=argparse.SUPPRESS)
     add_data_folder(p)
     p.add_argument("--quiet", action="store_true", help="Do not print the summary")
     return p
@@ -25,15 +26,18 @@ def parser():
 
 @main_wrapper
 def main(argv=None):
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.unfreeze_ti:
+        p.error("--unfreeze_ti is not supported: a model A fine-tuned by finetune.py loads as any "
+                "A file (pass it with --params_path); C/D with trained TI parameters do not exist here")
     from core.evaluation import SCALES, SEASONS
     from core.models import PUBLISHED_PARAMS
     from core.run import infer_and_evaluate, resolve_params_path
 
     params_path = resolve_params_path(args.model, args.params_path)
     result = infer_and_evaluate(args.model, args.glacier, args.smb_path, args.eval_path,
-                                params_path=params_path, data_folder=args.data_folder,
-                                unfreeze_ti=args.unfreeze_ti)
+                                params_path=params_path, data_folder=args.data_folder)
     if not args.quiet:
         published = " (the published weights)" if params_path.resolve().parent == PUBLISHED_PARAMS else ""
         print(f"{args.glacier}, model {args.model.upper()} with {params_path}{published}: "

@@ -90,8 +90,8 @@ def parser() -> argparse.ArgumentParser:
 @main_wrapper
 def main(argv=None):
     args = parser().parse_args(argv)
-    from dataloader.prepare.glacier import Options, Sources, prepare_glacier
     from dataloader.prepare.facies import parse_date
+    from dataloader.prepare.glacier import Options, Sources, prepare_glacier
 
     sources = Sources(
         dem=args.dem, temperature=args.temperature, precipitation=args.precipitation,

@@ -54,7 +54,8 @@ def _parse(argv=None):
     p.add_argument("--epochs", type=int, default=3, help="Steady epochs after the first (default 3)")
     p.add_argument("--glaciers", type=int, default=None, help="Use only the first N training glaciers")
     p.add_argument("--json", default=None, help="Write the results here")
-    p.add_argument("--cpu_devices", type=int, default=None, help="Expose N CPU devices (default: one per core, at most 8)")
+    p.add_argument("--cpu_devices", type=int, default=None,
+                   help="Expose N CPU devices (default: one per core, at most 8)")
     p.add_argument("--cache", action="store_true", help="Use the persistent compilation cache")
     p.add_argument("--no_inference", action="store_true", help="Skip the inference timing")
     p.add_argument("--layout", default=None, choices=("exact", "padded", "cells"),

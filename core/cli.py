@@ -43,7 +43,8 @@ def main_wrapper(main):
     def wrapped(argv=None):
         import jax
 
-        # The published numbers are float32 matmuls; GPUs would otherwise use TF32.
+        # The model code traces under float32 matmuls itself (glaunti.glacier.published_precision);
+        # this also covers whatever a script computes outside it.
         jax.config.update("jax_default_matmul_precision", "float32")
         try:
             return main(argv)
@@ -82,16 +83,16 @@ def positive_float(text: str) -> float:
 
 
 def train_parser(model: str) -> argparse.ArgumentParser:
-    from core.models import DEFAULT_SEED, DESCRIPTIONS, STARTS_FROM
+    from core.models import DEFAULT_SEED, DESCRIPTIONS, EPOCHS, STARTS_FROM
 
-    epochs = 100 if model == "b" else 50
+    epochs = EPOCHS[model]
     parser = argparse.ArgumentParser(
         description=f"Calibrate model {model.upper()} ({DESCRIPTIONS[model]}) on the training folds; "
         f"keeps the best validation epoch.",
     )
     add_data_folder(parser)
     parser.add_argument("--epochs", type=non_negative_int, default=epochs,
-                        help=f"Number of epochs (default {epochs})")
+                        help=f"Number of epochs (default {epochs}, the published schedule)")
     parser.add_argument("--learning_rate", type=positive_float, default=1e-3,
                         help="Adam learning rate (default 1e-3)")
     parser.add_argument("--params_path", default=f"params/{model}.eqx", help="Output params path (.eqx)")

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import equinox as eqx
 import jax
 import numpy as np
 
 from dataloader import Dataset
-from glaunti.glacier import GlacierArrays, make_arrays
+from glaunti.layouts import GlacierArrays, make_arrays
 
 # Glaciers whose device arrays add up to less than this stay resident between epochs; beyond it
 # they are re-read from the (memory-mapped) cache every epoch so that memory does not grow with
@@ -33,27 +33,22 @@ def with_study_years(arrays: GlacierArrays, years: np.ndarray, first: int, last:
 class GlacierSet:
     """A re-iterable set of glaciers: ``for name, arrays in glacier_set()``.
 
-    ``layout`` is the ``glaunti.glacier`` layout of the arrays ("exact", or the training layouts
+    ``layout`` is the ``glaunti.layouts`` layout of the arrays ("exact", or the training layouts
     "padded"/"cells" that share compiled functions between glaciers). Glaciers stay resident
-    (on their device) while their arrays add up to less than ``resident_bytes``; the others
-    are re-read from the memory-mapped cache when needed, so host memory does not grow with the
+    (on their device) while their arrays add up to less than :data:`DEFAULT_RESIDENT_BYTES`; the
+    others are re-read from the memory-mapped cache when needed, so host memory does not grow with the
     number of glaciers. The trainer asks for this process's glaciers only, each on its device,
     through :meth:`iter_placed`.
     """
 
-    def __init__(self, dataset: Dataset, names: Sequence[str], facies: bool,
-                 resident_bytes: int = DEFAULT_RESIDENT_BYTES,
-                 transform: Callable[[str, GlacierArrays], GlacierArrays] | None = None,
-                 layout: str = "exact"):
-        self.dataset, self.names, self.facies = dataset, list(names), facies
-        self.budget, self.transform, self.layout = resident_bytes, transform, layout
+    def __init__(self, dataset: Dataset, names: Sequence[str], facies: bool, layout: str = "exact"):
+        self.dataset, self.names, self.facies, self.layout = dataset, list(names), facies, layout
+        self.budget = DEFAULT_RESIDENT_BYTES
         self._resident: dict[str, GlacierArrays] = {}
         self._used = 0
 
     def _make(self, name, tensors, device=None) -> GlacierArrays:
         arrays = make_arrays(tensors, facies=self.facies, layout=self.layout, device=device)
-        if self.transform is not None:
-            arrays = self.transform(name, arrays)
         size = nbytes(arrays)
         if self._used + size <= self.budget:
             self._resident[name] = arrays

@@ -12,15 +12,13 @@ import time
 from pathlib import Path
 
 from core.cli import main_wrapper
-from core.evaluation import SEASONS
 from core.io import atomic_write_json, atomic_write_text
-from core.models import DESCRIPTIONS, MODELS, STARTS_FROM
+from core.models import DESCRIPTIONS, EPOCHS, MODELS, STARTS_FROM
 from core.run import calibrate, infer_and_evaluate
 from core.summarise import format_table, summarise
 from dataloader import Dataset
 from dataloader.synthetic import PRESETS
-
-EPOCHS = {"a": 50, "b": 100, "c": 50, "d": 50}  # the published schedule
+from glaunti.glacier import SEASONS
 
 
 def parser():

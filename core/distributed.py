@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -34,12 +35,14 @@ _SETUP_DONE = False
 
 
 def _backend_initialised() -> bool:
+    """Whether JAX has already started a backend. JAX has no public query; its private
+    registry is read when it exists, and a changed layout reads as "not started" (then
+    ``jax_num_cpu_devices`` is set, which an old backend ignores)."""
     try:
         from jax._src import xla_bridge
-
-        return bool(xla_bridge._backends)  # noqa: SLF001 (no public query exists)
-    except Exception:  # pragma: no cover - internal layout changed
+    except ImportError:  # pragma: no cover - internal layout changed
         return False
+    return bool(getattr(xla_bridge, "_backends", None))
 
 
 def compilation_cache_dir() -> Path | None:
@@ -173,3 +176,29 @@ def sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def map_glaciers(fn, names, devices=None):
+    """``[fn(name, device) for name in names]`` with the glaciers spread round-robin over the local
+    devices (one worker thread per device, so that devices run concurrently; JAX releases the
+    GIL while it computes). ``fn`` should place its arrays on ``device``
+    (``make_arrays(..., device=device)``); uncommitted values default to it as well.
+    Results are returned in the order of ``names``."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    names = list(names)
+    if len(devices) <= 1 or len(names) <= 1:
+        return [fn(name, devices[0] if devices else None) for name in names]
+
+    def work(d):
+        out = []
+        with jax.default_device(devices[d]):
+            for i in range(d, len(names), len(devices)):
+                out.append((i, fn(names[i], devices[d])))
+        return out
+
+    results = [None] * len(names)
+    with ThreadPoolExecutor(len(devices)) as pool:
+        for part in pool.map(work, range(len(devices))):
+            for i, value in part:
+                results[i] = value
+    return results

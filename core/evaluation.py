@@ -1,4 +1,4 @@
-"""Evaluation of daily SMB against point and glacier-wide observations (MODEL.md §8, §9.3–9.4).
+"""Evaluation of daily SMB against point and glacier-wide observations (docs/model.md §8, §9.3–9.4).
 
 The daily series holds one value per calendar day; a day covered by two model periods (the
 midseason day, a shared year boundary) holds the sum of both half-weighted values, so sums over
@@ -12,7 +12,8 @@ import math
 import numpy as np
 from scipy import stats
 
-SEASONS = ("annual", "winter", "summer")
+from glaunti.glacier import SEASONS  # noqa: F401  (the order of the seasons, one home)
+
 SCALES = ("point", "glacier-wide")
 
 

@@ -20,15 +20,19 @@ import numpy as np
 import pyproj
 import xarray as xr
 
+from core.distributed import map_glaciers  # noqa: F401  (inference spreads glaciers over devices)
 from core.io import atomic_path
-from glaunti.glacier import GlacierArrays, initial_state, year_step
+from glaunti.glacier import GlacierArrays, initial_state, walk_years, year_step
 
 SMB_VARIABLE = "smb"
 
 
 @eqx.filter_jit
-def _spinup_step(model, arrays, k, state):
-    state, _, _, _ = year_step(model, arrays, k, state, series=False, spinup=True)
+def _spun_up(model, arrays):
+    """The state after the spin-up years, from the cold start (the engine's year walk)."""
+    state = initial_state(model, arrays)
+    if arrays.n_spinup:
+        state = walk_years(model, arrays, state, 0, arrays.n_spinup - 1)[0]
     return state
 
 
@@ -41,13 +45,11 @@ def _series_step(model, arrays, k, state):
 def iter_daily_smb(model, arrays: GlacierArrays, tensors) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(first_day, smb)`` chunks of consecutive calendar days covering the study period;
     ``smb`` is (n, H, W) float32 m w.e. per day, ``first_day`` a climate-day index."""
-    state = initial_state(model, arrays)
+    state = _spun_up(model, arrays)
     study = range(arrays.n_spinup, len(tensors.years))
-    for k in range(arrays.n_spinup):
-        state = _spinup_step(model, arrays, jnp.int32(k), state)  # traced k: one compile
     pending_day, pending = None, None
     for k in study:
-        state, series = _series_step(model, arrays, jnp.int32(k), state)
+        state, series = _series_step(model, arrays, jnp.int32(k), state)  # traced k: one compile
         series = np.asarray(series)
         begin, end = int(tensors.begin_day[k]), int(tensors.end_day[k])
         year = np.zeros((end - begin + 1,) + series.shape[1:], dtype=np.float32)
@@ -74,8 +76,9 @@ def daily_dates(tensors, first_day: int, n: int) -> np.ndarray:
     return tensors.first_date + np.arange(first_day, first_day + n).astype("timedelta64[D]")
 
 
-def infer(model, arrays: GlacierArrays, tensors) -> xr.DataArray:
-    """The whole daily SMB series in memory, as an xarray DataArray (time, y, x)."""
+def infer(model, arrays: GlacierArrays, tensors) -> tuple[xr.DataArray, int]:
+    """The whole daily SMB series in memory: (DataArray (time, y, x), climate-day index of its
+    first day)."""
     chunks = list(iter_daily_smb(model, arrays, tensors))
     first_day = chunks[0][0]
     data = np.concatenate([c for _, c in chunks])
@@ -203,32 +206,3 @@ def write_netcdf(path, tensors, chunks: Iterator[tuple[int, np.ndarray]], model_
                 smb[n_days: n_days + len(data)] = data
                 n_days += len(data)
     return first_day, n_days
-
-
-def map_glaciers(fn, names, devices=None):
-    """``[fn(name, device) for name in names]`` with the glaciers spread round-robin over the local
-    devices (one worker thread per device, so that devices run concurrently; JAX releases the
-    GIL while it computes). ``fn`` should place its arrays on ``device``
-    (``make_arrays(..., device=device)``); uncommitted values default to it as well.
-    Results are returned in the order of ``names``."""
-    import jax
-    from concurrent.futures import ThreadPoolExecutor
-
-    devices = list(jax.local_devices() if devices is None else devices)
-    names = list(names)
-    if len(devices) <= 1 or len(names) <= 1:
-        return [fn(name, devices[0] if devices else None) for name in names]
-
-    def work(d):
-        out = []
-        with jax.default_device(devices[d]):
-            for i in range(d, len(names), len(devices)):
-                out.append((i, fn(names[i], devices[d])))
-        return out
-
-    results = [None] * len(names)
-    with ThreadPoolExecutor(len(devices)) as pool:
-        for part in pool.map(work, range(len(devices))):
-            for i, value in part:
-                results[i] = value
-    return results

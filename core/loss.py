@@ -1,7 +1,8 @@
-"""Calibration losses of one glacier over all its study years (MODEL.md §6, §9.7).
+"""Calibration losses of one glacier over all its study years (docs/model.md §6, §9.7).
 
 Everything here is a pure JAX function of the model and of ``GlacierArrays`` so that one
-compiled function evaluates a glacier's whole loss (spin-up included) and its gradient.
+compiled function evaluates a glacier's whole loss (spin-up included) and its gradient. The
+model-specific regularisers come from the model itself (``model.regularisers``).
 """
 
 from __future__ import annotations
@@ -9,24 +10,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from glaunti.glacier import GlacierArrays, run_glacier
-from glaunti.ti_corr_model import GlaUnTI
-from glaunti.ti_model import TIModel, prior_penalty
+from glaunti.glacier import INDEX_CODE, SEASONS, GlacierArrays, masked_mean, run_glacier, season_fields
 
-SEASONS = ("annual", "winter", "summer")
 GLACIER_WIDE_WEIGHT = 0.1
-CORRECTION_WEIGHTS = (5.0, 20.0, 5.0)  # magnitude, spatial variance, d2 − d3 coupling
-
-
-def masked_mean(field, mask):
-    """Outline-weighted mean over the last two axes. field (..., H, W), mask (H, W)."""
-    return jnp.sum(field * mask, axis=(-2, -1)) / jnp.sum(mask, axis=(-2, -1))
-
-
-def season_fields(season_smb):
-    """(Y, 2, H, W) per-period sums → (Y, 3, H, W) annual, winter, summer."""
-    winter, summer = season_smb[:, 0], season_smb[:, 1]
-    return jnp.stack([winter + summer, winter, summer], axis=1)
 
 
 def data_terms(arrays: GlacierArrays, fields):
@@ -42,7 +28,7 @@ def data_terms(arrays: GlacierArrays, fields):
     sq = jnp.where(has_obs, (glacier_wide_pred - jnp.where(has_obs, obs, 0.0)) ** 2, 0.0)
 
     stake_pred = fields[arrays.stake_year, jnp.minimum(arrays.stake_code, 2), arrays.stake_row, arrays.stake_col]
-    stake_w = jnp.where(study[arrays.stake_year] & (arrays.stake_code < 3), arrays.stake_weight, 0.0)
+    stake_w = jnp.where(study[arrays.stake_year] & (arrays.stake_code < INDEX_CODE), arrays.stake_weight, 0.0)
     stake_sq = stake_w * (stake_pred - arrays.stake_balance) ** 2
 
     terms = {}
@@ -69,46 +55,22 @@ def data_loss(terms):
     return total
 
 
-def correction_penalty(corrections, outlines, study):
-    """Corrector regulariser averaged over study years: 5·Σ⟨d²⟩ + 20·Σ⟨(d − ⟨d⟩)²⟩ + 5·⟨(d2 − d3)²⟩.
+def glacier_loss(model, arrays: GlacierArrays, state=None, *, custom_vjp: bool = False, **engine):
+    """Calibration loss of one glacier and its terms (the published ``aux``): the data loss,
+    then the model's penalties in order.
 
-    corrections (Y, 5, H, W), outlines (Y, H, W), study (Y,) bool.
+    ``state``: start from it instead of the cold start. ``custom_vjp`` (static) runs the TI day
+    step with its hand-written reverse-mode derivative (training; forward values identical).
+    ``engine`` is passed on to :func:`glaunti.glacier.run_glacier` (``max_chunk_cells``).
     """
-    mask = outlines[:, None]
-    mean = masked_mean(corrections, mask)  # (Y, 5)
-    magnitude = jnp.sum(masked_mean(corrections**2, mask), axis=1)
-    spread = jnp.sum(masked_mean((corrections - mean[..., None, None]) ** 2, mask), axis=1)
-    coupling = masked_mean((corrections[:, 1] - corrections[:, 2]) ** 2, outlines)
-    a, b, c = CORRECTION_WEIGHTS
-    per_year = a * magnitude + b * spread + c * coupling
-    acc = jnp.sum(jnp.where(study, per_year, 0.0))
-    n = jnp.sum(study).astype(jnp.float32)
-    return acc, n
-
-
-def ti_of(model):
-    if isinstance(model, TIModel):
-        return model
-    if isinstance(model, GlaUnTI):
-        return model.ti
-    return None
-
-
-def glacier_loss(model, arrays: GlacierArrays):
-    """Calibration loss of one glacier and its terms (the published ``aux``)."""
-    run = run_glacier(model, arrays)
+    run = run_glacier(model, arrays, state, custom_vjp=custom_vjp, **engine)
     terms = data_terms(arrays, season_fields(run.season_smb))
     loss = data_loss(terms)
     terms["data_loss"] = loss
-    ti = ti_of(model)
-    if isinstance(model, GlaUnTI):
-        acc, n = correction_penalty(run.corrections, arrays.outlines, arrays.study)
-        terms["reg_ti_corr_acc"], terms["reg_ti_corr_n"] = acc, n
-        terms["reg_ti_corr"] = acc / n
-        loss = loss + terms["reg_ti_corr"]
-    if ti is not None:
-        terms["reg_ti"] = prior_penalty(ti)
-        loss = loss + terms["reg_ti"]
+    model_terms, penalties = model.regularisers(run, arrays)
+    terms.update(model_terms)
+    for penalty in penalties:
+        loss = loss + penalty
     return loss, terms
 
 

@@ -13,6 +13,7 @@ from core.inference import iter_daily_smb, write_netcdf
 from core.io import atomic_write_json, check_output_paths
 from core.models import (
     DEFAULT_SEED,
+    EPOCHS,
     STARTS_FROM,
     initial_model,
     load_model,
@@ -21,19 +22,21 @@ from core.models import (
 )
 from core.training import TrainConfig, train
 from dataloader import DataError, Dataset, resolve_data_folder
-from glaunti.glacier import layout_for, make_arrays
+from glaunti.layouts import layout_for, make_arrays
 from glaunti.params import load_params
 
 
-def calibrate(model_name: str, data_folder=None, epochs=50, learning_rate=1e-3,
+def calibrate(model_name: str, data_folder=None, epochs=None, learning_rate=1e-3,
               params_path=None, log_path=None, seed=DEFAULT_SEED, resume=False, init_params_path=None,
               show_progress=True):
-    """Train model ``model_name`` on the training folds; returns (best model, final state).
+    """Train model ``model_name`` on the training folds (``epochs`` default: the published
+    schedule, ``core.models.EPOCHS``); returns (best model, final state).
 
     Everything that can be checked cheaply is checked before the first compilation: the output
     paths, the starting parameters and every training and validation glacier (read once into
     the tensor cache), so that bad input fails in seconds, not after hours of training.
     """
+    epochs = EPOCHS[model_name] if epochs is None else epochs
     params_path = Path(params_path or f"params/{model_name}.eqx")
     log_path = Path(log_path or f"logs/{model_name}.csv")
     check_output_paths(params_path=params_path, log_path=log_path)
@@ -54,7 +57,7 @@ def calibrate(model_name: str, data_folder=None, epochs=50, learning_rate=1e-3,
         epochs=epochs, learning_rate=learning_rate, params_path=params_path, log_path=log_path,
         resume=resume, show_progress=show_progress,
     )
-    # Training layouts: glaciers share compiled functions (glaunti.glacier.LAYOUTS).
+    # Training layouts: glaciers share compiled functions (glaunti.layouts.LAYOUTS).
     layout = layout_for(model)
     train_set = GlacierSet(dataset, dataset.train_names, facies, layout=layout)
     val_set = GlacierSet(dataset, dataset.val_names, facies, layout=layout)
@@ -62,7 +65,7 @@ def calibrate(model_name: str, data_folder=None, epochs=50, learning_rate=1e-3,
 
 
 def infer_and_evaluate(model_name: str, glacier: str, smb_path, eval_path, params_path=None,
-                       data_folder=None, unfreeze_ti=False, model=None):
+                       data_folder=None, model=None):
     """Daily SMB NetCDF + evaluation JSON of one glacier; returns the evaluation dict."""
     check_output_paths(smb_path=smb_path, eval_path=eval_path)
     distributed.setup()
@@ -70,7 +73,7 @@ def infer_and_evaluate(model_name: str, glacier: str, smb_path, eval_path, param
     dataset.info(glacier)  # an unknown name fails before anything is loaded
     if model is None:
         params_path = resolve_params_path(model_name, params_path)
-        model = load_model(model_name, params_path, unfreeze_ti)
+        model = load_model(model_name, params_path)
     tensors = dataset.glacier(glacier)
     arrays = make_arrays(tensors, facies=uses_facies(model_name))
     first_day, n_days = write_netcdf(smb_path, tensors, iter_daily_smb(model, arrays, tensors), model_name)
@@ -80,8 +83,6 @@ def infer_and_evaluate(model_name: str, glacier: str, smb_path, eval_path, param
         nc.set_auto_mask(False)
         daily = nc.variables["smb"]
         result = evaluate(tensors, _Lazy(daily), first_day)
-    if params_path is not None:
-        result["params"] = str(params_path)
     atomic_write_json(eval_path, result)
     return result
 
@@ -120,7 +121,7 @@ def finetune(glacier: str, data_folder=None, init_params_path="params/a.eqx",
              final_params_path=None, log_path=None, epochs=250, learning_rate=1e-2,
              train_years=(1995, 2012), val_years=(2013, 2018), resume=False, show_progress=True,
              validation="carried"):
-    """Per-glacier transfer learning of model A (MODEL.md §7): train on ``train_years``, keep the
+    """Per-glacier transfer learning of model A (docs/model.md §7): train on ``train_years``, keep the
     epoch that is best on ``val_years``.
 
     ``validation="carried"`` is the published rule (an epoch's validation loss continues its

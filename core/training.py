@@ -1,17 +1,17 @@
-"""Full-batch calibration of models A–D (MODEL.md §7) with checkpoint/resume.
+"""Full-batch calibration of models A–D (docs/model.md §7): the training loop.
 
 One optimiser step per epoch on the sum of the per-glacier gradients over all training glaciers
-(global-norm clipping at 5, then Adam). Validation loss (mean data loss over validation glaciers)
-follows one of two published rules (``TrainConfig.validation``):
+(global-norm clipping at 5, then Adam). The validation loss (mean data loss over the validation
+glaciers) follows one of two published rules (``TrainConfig.validation``):
 
-- ``"rerun"`` (calibration, train_*.py): computed before the first step (epoch 0) and after
-  every step; the best epoch's parameters are kept.
-- ``"carried"`` (fine-tuning, finetune.py): epoch e's validation loss continues epoch e's
-  training pass, i.e. it is the loss of the parameters *before* step e, and there is no epoch-0
-  candidate; when it improves, the parameters after step e (those the loop holds once the loss
-  is known) are kept.
-  The whole-glacier run does not depend on which years are scored, so scoring the validation
-  years of a run with those parameters equals carrying the state on from the training years.
+- ``"rerun"`` (calibration, train_*.py): the parameters before the first step (epoch 0) and
+  after every step are run over all years of the validation glaciers; the best are kept.
+- ``"carried"`` (fine-tuning, finetune.py: validation years of the training glacier): the
+  validation years continue epoch e's training pass. The state at the end of the last training
+  year comes from that pass (the parameters before step e); from there the parameters after
+  step e run the validation years. There is no epoch-0 candidate; when the loss improves, the
+  parameters after step e are kept.
+
 Each glacier's loss and gradient come from one compiled function (spin-up and all study years),
 compiled once per glacier shape (once per size bucket in the training layouts of
 ``glaunti.glacier``) and reused every epoch.
@@ -20,17 +20,17 @@ Glaciers are spread over every local device and, with ``jax.distributed``, over 
 (``core.distributed``): each glacier's loss and gradient are computed on its device, JAX's
 asynchronous dispatch keeps the devices busy concurrently, and the per-glacier gradients are
 summed on the host in the fixed order of the training set, so that the result is bit-identical
-whatever the number of devices or processes. Only process 0 writes params, checkpoints and logs.
+whatever the number of devices or processes. Only process 0 writes params, checkpoints
+(``core.checkpoint``) and logs (``core.training_log``).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -39,20 +39,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-
 from tqdm.auto import tqdm
 
 from core import distributed
-from core.io import atomic_path, atomic_write_text
+from core.checkpoint import Checkpoint, CheckpointError, checkpoint_path
 from core.loss import aux_to_python, glacier_loss
 from core.models import trainable_filter
-from glaunti.glacier import custom_gradients
+from core.training_log import LOG_COLUMNS, Log, log_row
+from glaunti.glacier import run_glacier
 from glaunti.params import save_params
 
+__all__ = ["CLIP_NORM", "LOG_COLUMNS", "VALIDATION_RULES", "Checkpoint", "GlacierResult", "Log",
+           "TrainConfig", "TrainingError", "checkpoint_path", "epoch_gradient", "evaluate_glaciers",
+           "make_loss_and_grad", "make_optimiser", "sum_gradients", "train"]
+
 CLIP_NORM = 5.0
-LOG_COLUMNS = ["timestamp", "epoch", "glacier", "subset", "loss", "epoch_time_s"]
 
 
 class TrainingError(RuntimeError):
@@ -81,14 +82,31 @@ def make_optimiser(learning_rate: float):
 def _loss(trainable, static, arrays):
     # The TI day step's hand-written VJP (glaunti.ti_model.ti_day_step_vjp): same forward values,
     # about a quarter less work in the backward pass.
-    with custom_gradients():
-        return glacier_loss(eqx.combine(trainable, static), arrays)
+    return glacier_loss(eqx.combine(trainable, static), arrays, custom_vjp=True)
+
+
+def _carried_loss(trainables, static, inputs):
+    """The "carried" validation loss of one glacier: ``trainables`` = (before, after) the step,
+    ``inputs`` = (index of the last training year, the glacier's validation arrays).
+
+    Years up to the last training year are run with the parameters before the step (the training
+    pass's state), the later ones with those after it; a year is left out of a run by marking
+    its days invalid, which leaves the state untouched and adds no balance.
+    """
+    before, after = trainables
+    last_train_year, arrays = inputs
+    up_to = (jnp.arange(arrays.n_years) <= last_train_year)[:, None]
+    handover = run_glacier(eqx.combine(before, static),
+                           eqx.tree_at(lambda a: a.day_valid, arrays, arrays.day_valid & up_to)).state
+    rest = eqx.tree_at(lambda a: a.day_valid, arrays, arrays.day_valid & ~up_to)
+    return glacier_loss(eqx.combine(after, static), rest, state=handover)
 
 
 # Module-level compiled functions: their caches persist across epochs and across runs in one
 # process, so a glacier shape compiles once.
 loss_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(_loss, has_aux=True))
 loss_only = eqx.filter_jit(_loss)
+carried_loss = eqx.filter_jit(_carried_loss)
 
 
 def make_loss_and_grad():
@@ -97,63 +115,25 @@ def make_loss_and_grad():
     return loss_and_grad, loss_only
 
 
-@dataclass
-class Checkpoint:
-    """What a resumed run needs: the current and best parameters, optimiser state, counters."""
+def last_training_years(train_set, val_set) -> dict[str, int]:
+    """Per validation glacier, the index of its last scored training year (for "carried").
 
-    trainable: object
-    best_trainable: object
-    opt_state: object
-    epoch: int
-    best_epoch: int
-    best_val: float
-
-    def save(self, path: Path) -> None:
-        tree = (self.trainable, self.best_trainable, self.opt_state,
-                np.int64(self.epoch), np.int64(self.best_epoch), np.float64(self.best_val))
-        with atomic_path(path) as tmp:
-            eqx.tree_serialise_leaves(tmp, tree)
-
-    @classmethod
-    def load(cls, path: Path, like: "Checkpoint") -> "Checkpoint":
-        template = (like.trainable, like.best_trainable, like.opt_state,
-                    np.int64(0), np.int64(0), np.float64(0.0))
-        try:
-            t, b, o, e, be, bv = eqx.tree_deserialise_leaves(path, template)
-        except Exception as err:  # a truncated or foreign file
-            raise TrainingError(f"{path}: cannot read training checkpoint ({err}); delete it or run without --resume") from None
-        return cls(t, b, o, int(e), int(be), float(bv))
-
-
-def checkpoint_path(params_path: Path) -> Path:
-    return Path(str(params_path) + ".ckpt")
-
-
-class Log:
-    """The per-glacier, per-epoch CSV log, rewritten atomically after every epoch."""
-
-    def __init__(self, path: Path, resume_epoch: int | None):
-        self.path = Path(path)
-        self.rows: list[dict] = []
-        self.columns = list(LOG_COLUMNS)
-        if resume_epoch is not None and self.path.exists():
-            with open(self.path, newline="") as f:
-                for row in csv.DictReader(f):
-                    if int(row["epoch"]) <= resume_epoch:
-                        self.add(row)
-
-    def add(self, row: dict) -> None:
-        for key in row:
-            if key not in self.columns:
-                self.columns.append(key)
-        self.rows.append(row)
-
-    def flush(self) -> None:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=self.columns, restval="")
-        writer.writeheader()
-        writer.writerows(self.rows)
-        atomic_write_text(self.path, buf.getvalue())
+    Raises TrainingError when a validation glacier is not a training glacier or has validation
+    years that do not come after its training years (nothing could be carried into them)."""
+    last = {}
+    for name, arrays in train_set():
+        study = np.flatnonzero(np.asarray(arrays.study))
+        if study.size:
+            last[name] = int(study[-1])
+    for name, arrays in val_set():
+        if name not in last:
+            raise TrainingError(f"validation glacier '{name}' has no training years: the "
+                                "'carried' rule continues a glacier's own training pass")
+        first_val = np.flatnonzero(np.asarray(arrays.study))
+        if first_val.size and first_val[0] <= last[name]:
+            raise TrainingError(f"glacier '{name}': the validation years must come after the "
+                                "training years for the 'carried' rule")
+    return last
 
 
 def _check_finite(value, what: str, glacier: str, epoch: int) -> None:
@@ -324,16 +304,26 @@ def train(
     ckpt = checkpoint_path(config.params_path)
     resumed = config.resume and ckpt.exists()
     if resumed:
-        state = Checkpoint.load(ckpt, state)
+        try:
+            state = Checkpoint.load(ckpt, state)
+        except CheckpointError as err:
+            raise TrainingError(str(err)) from None
     log = Log(config.log_path, state.epoch if resumed else None)
+    handover = last_training_years(train_set, val_set) if carried else None
 
-    def validate(trainable, epoch, t0):
-        results, _ = evaluate_glaciers(value, trainable, static, val_set, False, placement)
+    def validate(trainable, epoch, t0, before=None):
+        """Mean validation data loss of ``trainable`` ("carried": continuing ``before``'s pass)."""
+        if carried:
+            pairs = _Listed([(name, (np.int32(handover[name]), arrays)) for name, arrays in val_set()])
+            results, _ = evaluate_glaciers(carried_loss, (before, trainable), static, pairs, False,
+                                           placement)
+        else:
+            results, _ = evaluate_glaciers(value, trainable, static, val_set, False, placement)
         losses = []
         for r in results:
             _check_finite(r.terms["data_loss"], "validation loss", r.name, epoch)
             losses.append(r.terms["data_loss"])
-            log.add(_row(epoch, r.name, "val", r.loss, r.terms, time.perf_counter() - t0))
+            log.add(log_row(epoch, r.name, "val", r.loss, r.terms, time.perf_counter() - t0))
         if not losses:
             raise TrainingError("no validation glaciers: the validation set is empty")
         return float(np.mean(losses))
@@ -354,23 +344,19 @@ def train(
         t0 = time.perf_counter()
         grads, results = epoch_gradient(value_and_grad, state.trainable, static, train_set, placement, epoch)
         for r in results:
-            log.add(_row(epoch, r.name, "train", r.loss, r.terms, None))
-        if carried:  # the parameters of this epoch's training pass
-            val = validate(state.trainable, epoch, t0)
+            log.add(log_row(epoch, r.name, "train", r.loss, r.terms, None))
+        before = state.trainable
         updates, opt_state = optimiser.update(grads, state.opt_state, state.trainable)
         state.trainable = eqx.apply_updates(state.trainable, updates)
         state.opt_state = opt_state
-        if not carried:
-            val = validate(state.trainable, epoch, t0)
+        val = validate(state.trainable, epoch, t0, before)
         state.epoch = epoch
         if val < state.best_val:
             state.best_val, state.best_epoch, state.best_trainable = val, epoch, state.trainable
             if main:
                 save_params(eqx.combine(state.best_trainable, static), config.params_path)
         elapsed = time.perf_counter() - t0
-        for row in log.rows:
-            if row["epoch"] == epoch and row["epoch_time_s"] in (None, ""):
-                row["epoch_time_s"] = f"{elapsed:.3f}"
+        log.set_epoch_time(epoch, elapsed)
         if main:
             log.flush()
             if config.checkpoint:
@@ -382,15 +368,3 @@ def train(
     distributed.sync("glaunti-train-end")
     return eqx.combine(state.best_trainable, static), state
 
-
-def _row(epoch, glacier, subset, loss, terms, elapsed):
-    row = {
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "epoch": epoch,
-        "glacier": glacier,
-        "subset": subset,
-        "loss": loss,
-        "epoch_time_s": "" if elapsed is None else f"{elapsed:.3f}",
-    }
-    row.update({k: ("" if v is None else v) for k, v in terms.items()})
-    return row

@@ -26,7 +26,7 @@ FACIES_BANDS = ("ice", "snow", "debris", "firn", "shadow", "superimposed-ice", "
 # reference files, large ones are written slab by slab so memory stays bounded.
 MAX_CHUNK_VALUES = 2_000_000
 
-# Dataset-wide divisors of the corrector's inputs (docs/data_format.md; delta_z is not used by
+# Dataset-wide divisors of the corrector's inputs (docs/data_format.md §4; delta_z is not used by
 # the models).
 NORMALISATION_FACTORS = {
     "elevation": constants.elevation_norm,

@@ -1,8 +1,10 @@
-"""GlaUnTI surface-mass-balance models (MODEL.md §1–4).
+"""GlaUnTI surface-mass-balance models (docs/model.md §1–4).
 
 - :class:`TIModel` — model A, the differentiable temperature-index model;
 - :class:`GRUModel` — model B, the per-cell GRU baseline;
 - :class:`Corrector`, :class:`GlaUnTI` — models C and D (frozen TI + CNN corrector);
+- :mod:`glaunti.registry` — the variants A–D by name; :mod:`glaunti.glacier` — the engine
+  that runs any of them over a glacier's years;
 - :func:`load_params` / :func:`save_params` — ``.eqx`` files interchangeable with the
   published ones.
 """
@@ -20,21 +22,12 @@ from glaunti.ti_model import (
     prior_penalty,
     ti_day_step,
 )
-from glaunti.ti_model import trainable_filter as ti_trainable_filter
-from glaunti.gru_model import trainable_filter as gru_trainable_filter
-from glaunti.ti_corr_model import trainable_filter as glaunti_trainable_filter
 
 
 def trainable_filter(model):
-    """Equinox filter spec of the trainable leaves of any of the four models:
+    """Equinox filter spec of the trainable leaves of any model:
     A → the seven calibrated TI parameters, B → every array, C/D → the corrector only."""
-    if isinstance(model, TIModel):
-        return ti_trainable_filter(model)
-    if isinstance(model, GRUModel):
-        return gru_trainable_filter(model)
-    if isinstance(model, GlaUnTI):
-        return glaunti_trainable_filter(model)
-    raise TypeError(f"no trainable filter for {type(model).__name__}")
+    return model.trainable_filter()
 
 
 __all__ = [

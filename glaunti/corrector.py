@@ -1,4 +1,4 @@
-"""The convolutional corrector of GlaUnTI (models C and D, MODEL.md §4).
+"""The convolutional corrector of GlaUnTI (models C and D, docs/model.md §4).
 
 Once per balance year it maps 15 per-cell input channels (C=15, H×W) and the monthly
 climate series (2, M) to five per-cell corrections d1..d5 (5, H, W).
@@ -12,9 +12,11 @@ Conventions, established by matching the golden fixtures bit-for-bit where possi
 - convolutions are ``equinox.nn.Conv{1,2}d``; 3×3 and width-3 convs use 'SAME' zero
   padding (one zero on each side);
 - the RMS normalisation is per channel over the spatial (or time) axes,
-  ``x · rsqrt(mean(x²) + 1e-6) · weight + bias`` (no centring);
+  ``x / sqrt(mean(x·x) + 1e-6) · weight + bias`` (no centring), in exactly this order of
+  operations (see :class:`RMSNorm`);
 - the activation is swish (``jax.nn.swish``);
-- max-pool 2×2 stride 2 and average-pool 2 stride 2 drop a trailing odd row/column;
+- max-pool 2×2 stride 2 and average-pool 2 stride 2 (Equinox's pools) drop a trailing odd
+  row/column;
 - the final upsampling is ``jax.image.resize(..., 'bilinear', antialias=False)``.
 """
 
@@ -38,25 +40,31 @@ N_DOWN = 3
 N_1D_STAGES = 2
 OUT_SCALE = 0.1
 RMS_EPS = 1e-6
-# The monthly series covers 12–14 (partial) months (MODEL.md §9.6).
+# The monthly series covers 12–14 (partial) months (docs/model.md §9.6).
 MONTH_COUNTS = (12, 13, 14)
 
 
 class RMSNorm(eqx.Module):
-    """Per-channel RMS normalisation over all non-channel axes, learned scale and offset."""
+    """Per-channel RMS normalisation over all non-channel axes, learned scale and offset
+    (``weight`` and ``bias`` are (C, 1, …): one value per channel, broadcast over the rest)."""
 
-    weight: Float[Array, "C *ones"]
-    bias: Float[Array, "C *ones"]
+    weight: Float[Array, "C ..."]
+    bias: Float[Array, "C ..."]
 
     def __init__(self, channels: int, spatial_dims: int):
         shape = (channels,) + (1,) * spatial_dims
         self.weight = jnp.ones(shape, jnp.float32)
         self.bias = jnp.zeros(shape, jnp.float32)
 
-    def __call__(self, x: Float[Array, "C *S"]) -> Float[Array, "C *S"]:
+    def __call__(self, x: Float[Array, "C ..."]) -> Float[Array, "C ..."]:
+        # The published op order (x·x, mean, + ε, sqrt, divide, then scale and shift), not the
+        # equal x·rsqrt(m + ε): where the bottleneck normalises one or two cells the output is
+        # nearly x/|x| and the gradient through it is float32 rounding of two nearly equal
+        # terms, which the two forms round differently (3e-3 relative on the tiny dataset) and
+        # Adam turns into learning-rate-sized steps (tests/test_training_reproduction.py).
         axes = tuple(range(1, x.ndim))
-        mean_sq = jnp.mean(jnp.square(x), axis=axes, keepdims=True)
-        return x * jax.lax.rsqrt(mean_sq + RMS_EPS) * self.weight + self.bias
+        rms = jnp.sqrt(jnp.mean(x * x, axis=axes, keepdims=True) + RMS_EPS)
+        return (x / rms) * self.weight + self.bias
 
 
 class ConvBlock(eqx.Module):
@@ -104,13 +112,12 @@ class Down(eqx.Module):
 
 def max_pool_2x2(x: Float[Array, "C H W"]) -> Float[Array, "C H//2 W//2"]:
     """2×2 max-pool, stride 2, no padding (a trailing odd row/column is dropped)."""
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2), (1, 2, 2), "VALID")
+    return eqx.nn.MaxPool2d(kernel_size=2, stride=2)(x)
 
 
 def avg_pool_2(x: Float[Array, "C T"]) -> Float[Array, "C T//2"]:
-    """Average-pool of width 2, stride 2, no padding."""
-    summed = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 2), (1, 2), "VALID")
-    return summed / 2.0
+    """Average-pool of width 2, stride 2, no padding (the window sum divided by 2)."""
+    return eqx.nn.AvgPool1d(kernel_size=2, stride=2)(x)
 
 
 class Branch2D(eqx.Module):
@@ -154,7 +161,7 @@ class Branch1D(eqx.Module):
 
 
 def check_grid(height: int, width: int) -> None:
-    """Refuse grids the three 2×2 poolings cannot handle (MODEL.md §9.9)."""
+    """Refuse grids the three 2×2 poolings cannot handle (docs/model.md §9.9)."""
     side = constants.min_grid_side
     if height < side or width < side:
         raise ValueError(

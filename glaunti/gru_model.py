@@ -1,4 +1,4 @@
-"""Model B: the data-driven per-cell GRU baseline (MODEL.md §3).
+"""Model B: the data-driven per-cell GRU baseline (docs/model.md §3).
 
 Shapes: T = days, H×W = grid, N = H·W cells, 16 = hidden size.
 
@@ -9,6 +9,8 @@ matmuls instead of a vmap of N tiny matvecs.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ import jax.random as jr
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 import constants
+from glaunti.glacier import fields_forcing, period_days, scan_block, scan_days
 from glaunti.ti_model import default_weights
 
 HIDDEN_SIZE = 16
@@ -57,6 +60,10 @@ class GRUModel(eqx.Module):
     out: eqx.nn.Linear
     init_h: Float[Array, " 16"]
 
+    kind: ClassVar[str] = "B"
+    cell_independent: ClassVar[bool] = True
+    state_cell_axis: ClassVar[int] = 0  # hidden state (N, 16), cells flattened
+
     def __init__(self, key: PRNGKeyArray | None = None, hidden_size: int = HIDDEN_SIZE):
         """Random Equinox-default initialisation of the cell and read-out (``key`` defaults
         to PRNGKey(0)); the learned initial state starts as ``INIT_H_SCALE`` · N(0, 1).
@@ -78,7 +85,7 @@ class GRUModel(eqx.Module):
         skip_update: Bool[Array, " T"] | None = None,
         return_series: bool = False,
     ):
-        """Run one period; returns (smb, h).
+        """Run one period with the engine's day scan; returns (smb, h).
 
         Args:
             temperature, precipitation: (T, H, W).
@@ -100,46 +107,51 @@ class GRUModel(eqx.Module):
         hidden = self.init_h.shape[0]
         if weights is None:
             weights = default_weights(n_days, valid)
-        weights = jnp.asarray(weights, jnp.float32)
         if initial_h is None:
-            h0 = jnp.broadcast_to(self.init_h, (height * width, hidden))
+            h0 = self.initial_state((height, width))
         else:
             h0 = jnp.asarray(initial_h, jnp.float32).reshape(height * width, hidden)
-        valid = jnp.ones((n_days,), bool) if valid is None else jnp.asarray(valid, bool)
-        if skip_update is None:
-            if initial_h is None:
-                skip_update = jnp.zeros((n_days,), bool)
-            else:  # the first valid day
-                skip_update = jnp.arange(n_days) == jnp.argmax(valid)
-        skip_update = jnp.asarray(skip_update, bool)
+        if skip_update is None and initial_h is not None:
+            first = 0 if valid is None else jnp.argmax(jnp.asarray(valid, bool))
+            skip_update = jnp.arange(n_days) == first
+        days = period_days(temperature, precipitation, weights, valid, skip_update)
+        h, acc, series = scan_days(self.day_step, h0, days, fields_forcing, (height, width),
+                                   return_series)
+        return (series if return_series else acc[0]), h.reshape(height, width, hidden)
 
-        # Cells flattened to N so that each day is two matmuls.
-        xs = (
-            gru_inputs(temperature, precipitation).reshape(n_days, height * width, N_INPUTS),
-            weights,
-            skip_update,
-            valid,
-        )
+    # -- the engine's model interface -------------------------------------------------------
+    def initial_state(self, shape) -> Float[Array, "N 16"]:
+        """The learned initial state in every cell, cells flattened (N = H·W)."""
+        height, width = shape
+        return jnp.broadcast_to(self.init_h, (height * width,) + self.init_h.shape)
 
-        @jax.checkpoint
-        def day(h, x):
-            x_day, w, skip, ok = x
-            h_new, smb_day = gru_day_step(self, h, x_day, w, skip | ~ok)
-            return h_new, jnp.where(ok, smb_day, 0.0)
+    def day_step(self, h, temperature, precipitation, weight, skip):
+        """One day of every cell: h (N, 16), T and P (H, W) → (h, smb (H, W))."""
+        x = gru_inputs(temperature, precipitation).reshape(-1, N_INPUTS)
+        h, smb = gru_day_step(self, h, x, weight, skip)
+        return h, smb.reshape(temperature.shape)
 
-        if return_series:
-            h, series = jax.lax.scan(day, h0, xs)
-            return series.reshape(n_days, height, width), h.reshape(height, width, hidden)
+    def year_step(self, arrays, k, state, *, series=False, spinup=False, custom_vjp=False):
+        """Balance year k of a glacier (``glaunti.glacier.year_step``); no corrections."""
+        del spinup, custom_vjp  # the same in every year; no hand-written derivative
+        # Continuation rule: the first day of a period continued from a previous state does not
+        # update it; only the very first period of the run starts from the learned state.
+        skip = arrays.day_period_start[k] & ((k > 0) | (arrays.day_season[k] == 1))
+        state, acc, out = scan_block(self.day_step, state, arrays, k, arrays.day_valid[k], skip, series)
+        return state, acc, None, out
 
-        def step_acc(carry, x):
-            h, acc = carry
-            h, smb_day = day(h, x)
-            return (h, acc + smb_day), None
+    def trainable_filter(self):
+        """Equinox filter spec: every array leaf of the GRU is trained."""
+        return jax.tree_util.tree_map(eqx.is_inexact_array, self)
 
-        (h, acc), _ = jax.lax.scan(step_acc, (h0, jnp.zeros((height * width,), jnp.float32)), xs)
-        return acc.reshape(height, width), h.reshape(height, width, hidden)
+    def regularisers(self, run, arrays):
+        """No regulariser: (no terms, no penalties)."""
+        del run, arrays
+        return {}, []
 
+    def authors_tree(self):
+        """The authors' parameter tree: ({'gru': <rnn, out, init_h>}, {})."""
+        return ({"gru": self}, {})
 
-def trainable_filter(model: GRUModel):
-    """Equinox filter spec: every array leaf of the GRU is trained."""
-    return jax.tree_util.tree_map(eqx.is_inexact_array, model)
+    def from_authors_tree(self, tree) -> GRUModel:
+        return tree[0]["gru"]

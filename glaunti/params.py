@@ -30,9 +30,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
-from glaunti.gru_model import GRUModel
-from glaunti.ti_corr_model import GlaUnTI
-from glaunti.ti_model import CALIBRATED, FIXED, PARAM_NAMES, TIModel
+from glaunti import registry
 
 
 class ParamsError(ValueError):
@@ -40,51 +38,25 @@ class ParamsError(ValueError):
 
 
 def model_kind(model) -> str:
-    """'A' (TIModel), 'B' (GRUModel) or 'C/D' (GlaUnTI)."""
-    if isinstance(model, TIModel):
-        return "A"
-    if isinstance(model, GRUModel):
-        return "B"
-    if isinstance(model, GlaUnTI):
-        return "C/D"
-    raise TypeError(f"no parameter-file layout for {type(model).__name__}")
+    """'A', 'B' or 'C/D': the model's parameter-file layout."""
+    return model.kind
 
 
 def template(kind: str):
     """A shape-only model ('a', 'b', 'c' or 'd'; leaves are ``jax.ShapeDtypeStruct``) to
     load into: unlike a real fresh model it costs no random initialisation."""
-    builders = {
-        "a": TIModel.prior,
-        "b": lambda: GRUModel(jr.PRNGKey(0)),
-        "c": lambda: GlaUnTI(TIModel.prior(), key=jr.PRNGKey(0)),
-        "d": lambda: GlaUnTI(TIModel.prior(), key=jr.PRNGKey(0)),
-    }
-    if kind.lower() not in builders:
-        raise ValueError(f"unknown model kind {kind!r}; expected one of a, b, c, d")
-    return eqx.filter_eval_shape(builders[kind.lower()])
+    spec = registry.spec(kind)
+    return eqx.filter_eval_shape(lambda: spec.build(jr.PRNGKey(0)))
 
 
 def authors_tree(model):
     """Our model rewrapped as the authors' parameter tree (see the module docstring)."""
-    kind = model_kind(model)
-    if kind == "A":
-        return (
-            {name: getattr(model, name) for name in CALIBRATED},
-            {name: getattr(model, name) for name in FIXED},
-        )
-    if kind == "B":
-        return ({"gru": model}, {})
-    return ({"corrector": model.corrector}, {name: getattr(model.ti, name) for name in PARAM_NAMES})
+    return model.authors_tree()
 
 
 def from_authors_tree(template, tree):
     """Inverse of :func:`authors_tree` (``template`` gives the model kind)."""
-    kind = model_kind(template)
-    if kind == "A":
-        return TIModel(**tree[0], **tree[1])
-    if kind == "B":
-        return tree[0]["gru"]
-    return GlaUnTI(TIModel(**tree[1]), tree[0]["corrector"])
+    return template.from_authors_tree(tree)
 
 
 def _flatten(model):

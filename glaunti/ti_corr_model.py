@@ -1,4 +1,4 @@
-"""Models C and D: GlaUnTI = frozen TI model + CNN corrector (MODEL.md §4).
+"""Models C and D: GlaUnTI = frozen TI model + CNN corrector (docs/model.md §4).
 
 C and D are the same class; D's corrector gets the facies map of the year where C's gets
 the −1 placeholder. Shapes: T = days of a block, H×W = grid, M = months (12–14, or 14 padded).
@@ -6,26 +6,93 @@ the −1 placeholder. Shapes: T = days of a block, H×W = grid, M = months (12�
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from glaunti.corrector import Corrector, check_grid
-from glaunti.ti_model import TIModel
+from glaunti.glacier import (
+    fields_forcing,
+    masked_mean,
+    period_days,
+    published_precision,
+    scan_block,
+    scan_days,
+)
+from glaunti.ti_model import TIModel, apply_corrections, default_weights, ti_day_step, ti_step
 
-# Perturbations of the sensitivity channels.
+# The corrector's three computed input channels (docs/model.md §4): the frozen TI balance of the
+# year, scaled, and its changes under two perturbations of the forcing.
 SMB_SCALE = 10.0
 DELTA_T = 0.5  # °C added to the temperature (the whole input, not only inside T⁺)
 PRECIP_FACTOR = 1.05
 N_GIVEN_FIELDS = 12  # outlines, elevation, elevation std, 9 facies bands
+# Weights of the corrector's regulariser: magnitude, spatial variance, d2 − d3 coupling.
+CORRECTION_WEIGHTS = (5.0, 20.0, 5.0)
+
+
+def sensitivity_step(params):
+    """Day step of the frozen TI model run three times at once (vmapped over a leading axis of
+    the SWE state (3, ...)): as is, with T + :data:`DELTA_T`, with P × :data:`PRECIP_FACTOR`."""
+    d_temperature = jnp.array([0.0, DELTA_T, 0.0], jnp.float32)
+    p_factor = jnp.array([1.0, 1.0, PRECIP_FACTOR], jnp.float32)
+
+    def step(swe3, temperature, precipitation, weight, _flag):
+        def one(swe, dt, pf):
+            return ti_day_step(params, swe, temperature + dt, precipitation * pf, weight)
+        return jax.vmap(one)(swe3, d_temperature, p_factor)
+
+    return step
+
+
+def computed_channels(ti: TIModel, swe, scan) -> Float[Array, "3 H W"]:
+    """The corrector's three computed channels from the year's initial SWE (H, W):
+    ``smb0 / SMB_SCALE``, ``smb0(T + DELTA_T) − smb0``, ``smb0(P · PRECIP_FACTOR) − smb0``,
+    where ``smb0`` is the frozen TI balance of the whole year block (winter + summer, as the
+    published code adds its two runs). ``scan(step, state) -> (state, (2, ...) sums, _)`` runs
+    the block (a glacier year: ``scan_block``; given fields: ``scan_days``). The three runs
+    share one scan; gradients are stopped."""
+    params = jax.lax.stop_gradient(ti.constrained())
+    swe = jax.lax.stop_gradient(swe)
+    _, acc, _ = scan(sensitivity_step(params), jnp.broadcast_to(swe, (3,) + swe.shape))
+    smb = acc[0] + acc[1]
+    smb0 = smb[0]
+    return jax.lax.stop_gradient(jnp.stack([smb0 / SMB_SCALE, smb[1] - smb0, smb[2] - smb0]))
+
+
+def correction_penalty(corrections, outlines, study):
+    """Corrector regulariser summed over study years, and their number:
+    5·Σ⟨d²⟩ + 20·Σ⟨(d − ⟨d⟩)²⟩ + 5·⟨(d2 − d3)²⟩ per year (⟨⟩: outline mean).
+
+    corrections (Y, 5, H, W), outlines (Y, H, W), study (Y,) bool → (sum, n) scalars.
+    """
+    mask = outlines[:, None]
+    mean = masked_mean(corrections, mask)  # (Y, 5)
+    magnitude = jnp.sum(masked_mean(corrections**2, mask), axis=1)
+    spread = jnp.sum(masked_mean((corrections - mean[..., None, None]) ** 2, mask), axis=1)
+    coupling = masked_mean((corrections[:, 1] - corrections[:, 2]) ** 2, outlines)
+    a, b, c = CORRECTION_WEIGHTS
+    per_year = a * magnitude + b * spread + c * coupling
+    acc = jnp.sum(jnp.where(study, per_year, 0.0))
+    n = jnp.sum(study).astype(jnp.float32)
+    return acc, n
 
 
 class GlaUnTI(eqx.Module):
-    """Corrector + frozen TI parameters (taken from calibrated model A)."""
+    """Corrector + frozen TI parameters (taken from calibrated model A).
+
+    Implements the engine's model interface (``glaunti.glacier``); the state is the SWE (H, W).
+    """
 
     corrector: Corrector
     ti: TIModel
+
+    kind: ClassVar[str] = "C/D"
+    cell_independent: ClassVar[bool] = False  # the corrector sees the whole grid
+    state_cell_axis: ClassVar[int | None] = None
 
     def __init__(self, ti: TIModel, corrector: Corrector | None = None,
                  key: PRNGKeyArray | None = None):
@@ -45,24 +112,23 @@ class GlaUnTI(eqx.Module):
         valid: Bool[Array, " T"] | None = None,
         initial_swe: Float[Array, "H W"] | None = None,
     ) -> Float[Array, "3 H W"]:
-        """The three TI channels of the corrector input, gradients stopped.
-
-        ``smb0/10``, ``smb0(T+0.5) − smb0``, ``smb0(P·1.05) − smb0``, where ``smb0`` is the
-        frozen TI model's accumulated SMB over the whole balance-year block from
-        ``initial_swe`` (a split year's block is winter then summer, midseason day twice).
-        """
-        ti = self._frozen_ti()
+        """The three TI channels of the corrector input for a balance-year block given as
+        fields (a split year's block is winter then summer, midseason day twice), from
+        ``initial_swe`` (None: cold start); see :func:`computed_channels`."""
         temperature = jnp.asarray(temperature, jnp.float32)
         precipitation = jnp.asarray(precipitation, jnp.float32)
+        shape = temperature.shape[1:]
+        if weights is None:
+            weights = default_weights(temperature.shape[0], valid)
+        if initial_swe is None:
+            initial_swe = self.ti.initial_state(shape)
+        swe = jnp.broadcast_to(jnp.asarray(initial_swe, jnp.float32), shape)
+        days = period_days(temperature, precipitation, weights, valid)
 
-        def smb(t, p):
-            return ti.run(t, p, initial_swe, weights, valid)[0]
+        def scan(step, state):
+            return scan_days(step, state, days, fields_forcing, state.shape)
 
-        smb0 = smb(temperature, precipitation)
-        smb_warm = smb(temperature + DELTA_T, precipitation)
-        smb_wet = smb(temperature, precipitation * PRECIP_FACTOR)
-        channels = jnp.stack([smb0 / SMB_SCALE, smb_warm - smb0, smb_wet - smb0])
-        return jax.lax.stop_gradient(channels)
+        return computed_channels(self.ti, swe, scan)
 
     def corrections(
         self,
@@ -93,7 +159,8 @@ class GlaUnTI(eqx.Module):
             )
         check_grid(*fields.shape[1:])  # before the three TI runs, not after
         computed = self.computed_channels(temperature, precipitation, weights, valid, initial_swe)
-        return self.corrector(jnp.concatenate([computed, fields]), climate_monthly, n_months)
+        with published_precision():
+            return self.corrector(jnp.concatenate([computed, fields]), climate_monthly, n_months)
 
     def run(
         self,
@@ -111,11 +178,81 @@ class GlaUnTI(eqx.Module):
             corrections=corrections, return_series=return_series,
         )
 
+    # -- the engine's model interface -------------------------------------------------------
+    def initial_state(self, shape) -> Float[Array, "H W"]:
+        return self.ti.initial_state(shape)
 
-def trainable_filter(model: GlaUnTI):
-    """Equinox filter spec: True on the corrector's array leaves only (TI frozen)."""
-    spec = jax.tree_util.tree_map(lambda _: False, model)
-    return eqx.tree_at(
-        lambda m: m.corrector, spec,
-        jax.tree_util.tree_map(eqx.is_inexact_array, model.corrector),
-    )
+    def corrections_at(self, arrays, k, swe) -> Float[Array, "5 H W"]:
+        """d1..d5 of glacier year k given the SWE its computed channels start from."""
+        valid = arrays.day_valid[k]
+
+        def scan(step, state):
+            return scan_block(step, state, arrays, k, valid, jnp.zeros_like(valid), False, state.shape)
+
+        channels = computed_channels(self.ti, swe, scan)
+        inputs = jnp.concatenate([channels, arrays.fields[k]], axis=0)
+        return self.corrector(inputs, arrays.climate_monthly[k], arrays.n_months[k])
+
+    def year_step(self, arrays, k, state, *, series=False, spinup=False, custom_vjp=False):
+        """Balance year k of a glacier (``glaunti.glacier.year_step``) with its corrections.
+
+        In a study year the corrections come from the year's initial SWE and apply to the whole
+        block. In a spin-up year (``spinup``, static) the summer's corrections are recomputed
+        from the post-winter SWE, as the published spin-up does (docs/model.md §9.1); in an
+        annual-only year this is the same as one run.
+        """
+        valid = arrays.day_valid[k]
+        no_flag = jnp.zeros_like(valid)
+        base = jax.lax.stop_gradient(self.ti).constrained()  # the TI parameters are frozen
+
+        def run(corrections, swe, days):
+            params, shift = apply_corrections(base, corrections)
+            return scan_block(ti_step(params, shift, custom_vjp), swe, arrays, k, days, no_flag, series)
+
+        if not spinup:
+            corrections = self.corrections_at(arrays, k, state)
+            state, acc, out = run(corrections, state, valid)
+            return state, acc, corrections, out
+        # Winter then summer, each with corrections from its own initial SWE: one scan over the
+        # two halves, so that the corrector appears once in this graph (compile time), not twice.
+        season = arrays.day_season[k]
+
+        def half(swe, s):
+            def compute(swe):
+                corrections = self.corrections_at(arrays, k, swe)
+                swe, acc, out = run(corrections, swe, valid & (season == s))
+                return swe, (acc, corrections, out)
+
+            def skip(swe):  # an annual-only year has no summer half
+                out = jax.eval_shape(compute, swe)[1]
+                return swe, jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), out)
+
+            return jax.lax.cond((s == 0) | arrays.seasonal[k], compute, skip, swe)
+
+        swe, (accs, corrections, outs) = jax.lax.scan(half, state, jnp.arange(2))
+        out = None if outs is None else outs[0] + outs[1]
+        return swe, accs[0] + accs[1], corrections[0], out
+
+    def trainable_filter(self):
+        """Equinox filter spec: True on the corrector's array leaves only (TI frozen)."""
+        spec = jax.tree_util.tree_map(lambda _: False, self)
+        return eqx.tree_at(
+            lambda m: m.corrector, spec,
+            jax.tree_util.tree_map(eqx.is_inexact_array, self.corrector),
+        )
+
+    def regularisers(self, run, arrays):
+        """(terms for the log, penalties added to the loss in order): the corrector's
+        regulariser averaged over study years, then the (constant) prior penalty of the TI."""
+        acc, n = correction_penalty(run.corrections, arrays.outlines, arrays.study)
+        terms = {"reg_ti_corr_acc": acc, "reg_ti_corr_n": n, "reg_ti_corr": acc / n}
+        ti_terms, ti_penalties = self.ti.regularisers(run, arrays)
+        terms.update(ti_terms)
+        return terms, [terms["reg_ti_corr"], *ti_penalties]
+
+    def authors_tree(self):
+        """The authors' parameter tree: ({'corrector': <corrector>}, {9 stored TI params})."""
+        return ({"corrector": self.corrector}, self.ti.stored())
+
+    def from_authors_tree(self, tree) -> GlaUnTI:
+        return GlaUnTI(TIModel(**tree[1]), tree[0]["corrector"])

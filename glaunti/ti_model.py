@@ -1,4 +1,4 @@
-"""Model A: the differentiable temperature-index (TI) model (MODEL.md §1–2).
+"""Model A: the differentiable temperature-index (TI) model (docs/model.md §1–2).
 
 Shapes: T = days of one period (or one day block), H×W = grid.
 
@@ -9,7 +9,7 @@ reproduces the golden fixtures to the last bit or within a few ulps. Do not "sim
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import equinox as eqx
 import jax
@@ -17,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
-# Stored (unconstrained) parameter names in MODEL.md §2 table order.
+from glaunti.glacier import fields_forcing, period_days, scan_block, scan_days
+
+# Stored (unconstrained) parameter names in docs/model.md §2 table order.
 PARAM_NAMES: tuple[str, ...] = (
     "prec_scale_log",
     "ddf_snow_log",
@@ -33,7 +35,7 @@ PARAM_NAMES: tuple[str, ...] = (
 CALIBRATED: tuple[str, ...] = PARAM_NAMES[:7]
 FIXED: tuple[str, ...] = PARAM_NAMES[7:]
 
-# Priors in constrained space (MODEL.md §2) ...
+# Priors in constrained space (docs/model.md §2) ...
 PRIOR_CONSTRAINED: dict[str, float] = {
     "prec_scale": 1.4,
     "ddf_snow": 0.0049,
@@ -140,7 +142,7 @@ def ti_day_step_vjp(p: TIParams, swe, temperature, precipitation, weight, temper
     the snow-cover fraction) instead of differentiating each operation, which removes most of
     the transcendental functions autodiff would evaluate. Forward-mode (``jax.jvp``) is not
     defined for it: analysis code differentiating the climate uses :func:`ti_day_step`.
-    ``temperature_shift`` must be an array (zeros for model A).
+    ``temperature_shift`` is None (model A) or an (H, W) array (C/D's d5).
     """
     return ti_day_step(p, swe, temperature, precipitation, weight, temperature_shift)
 
@@ -240,7 +242,7 @@ def default_weights(n_days: int, valid=None) -> Float[Array, " T"]:
 
 
 def apply_corrections(p: TIParams, corrections) -> tuple[TIParams, Array]:
-    """Apply the corrector's d1..d5 (5, H, W) (MODEL.md §4).
+    """Apply the corrector's d1..d5 (5, H, W) (docs/model.md §4).
 
     Returns the per-cell parameters and the temperature shift d5 (inside T⁺ only).
     """
@@ -254,6 +256,23 @@ def apply_corrections(p: TIParams, corrections) -> tuple[TIParams, Array]:
     return p, d5
 
 
+def ti_step(p: TIParams, temperature_shift=None, custom_vjp: bool = False):
+    """The day step ``(swe, T, P, weight, flag) -> (swe, smb)`` of the engine's day scan
+    (``glaunti.glacier.scan_days``) for parameters ``p``. ``custom_vjp`` selects
+    :func:`ti_day_step_vjp` (reverse mode only), else :func:`ti_day_step`."""
+    day = ti_day_step_vjp if custom_vjp else ti_day_step
+
+    def step(swe, temperature, precipitation, weight, _flag):
+        return day(p, swe, temperature, precipitation, weight, temperature_shift)
+
+    return step
+
+
+def cold_start(p: TIParams, shape) -> Float[Array, "H W"]:
+    """The cold-start SWE: every cell at the snow-depletion centre."""
+    return jnp.full(shape, p.snow_depletion_centre, jnp.float32)
+
+
 def run_ti(
     p: TIParams,
     temperature,
@@ -264,7 +283,7 @@ def run_ti(
     temperature_shift=None,
     return_series: bool = False,
 ):
-    """Scan :func:`ti_day_step` over a period (pure function behind :meth:`TIModel.run`).
+    """One period of model A with the engine's day scan (pure function behind :meth:`TIModel.run`).
 
     Args:
         p: constrained parameters (scalars or (H, W) fields).
@@ -283,44 +302,27 @@ def run_ti(
     n_days, height, width = temperature.shape
     if weights is None:
         weights = default_weights(n_days, valid)
-    weights = jnp.asarray(weights, jnp.float32)
     if initial_swe is None:
-        swe0 = jnp.full((height, width), p.snow_depletion_centre, jnp.float32)
+        swe0 = cold_start(p, (height, width))
     else:
         swe0 = jnp.broadcast_to(jnp.asarray(initial_swe, jnp.float32), (height, width))
     if temperature_shift is not None:
         temperature_shift = jnp.asarray(temperature_shift, jnp.float32)
-
-    xs = (temperature, precipitation, weights)
-    if valid is not None:
-        xs = xs + (jnp.asarray(valid, bool),)
-
-    # Rematerialise each day in the backward pass: thousands of days × H×W would not fit.
-    @jax.checkpoint
-    def day(swe, x):
-        swe_new, smb_day = ti_day_step(p, swe, x[0], x[1], x[2], temperature_shift)
-        if valid is not None:
-            # softplus_t(s, S) != S, so padding must select the old state, not add 0.
-            swe_new = jnp.where(x[3], swe_new, swe)
-            smb_day = jnp.where(x[3], smb_day, 0.0)
-        return swe_new, smb_day
-
-    if return_series:
-        swe, series = jax.lax.scan(day, swe0, xs)
-        return series, swe
-
-    def step_acc(carry, x):
-        swe, acc = carry
-        swe, smb_day = day(swe, x)
-        # Summing in the carry (not the series afterwards) is lean and matches the fixtures.
-        return (swe, acc + smb_day), None
-
-    (swe, acc), _ = jax.lax.scan(step_acc, (swe0, jnp.zeros_like(swe0)), xs)
-    return acc, swe
+    days = period_days(temperature, precipitation, weights, valid)
+    swe, acc, series = scan_days(ti_step(p, temperature_shift), swe0, days, fields_forcing,
+                                 (height, width), return_series)
+    return (series if return_series else acc[0]), swe
 
 
 class TIModel(eqx.Module):
-    """Model A: the nine stored (unconstrained) TI parameters, float32 scalars."""
+    """Model A: the nine stored (unconstrained) TI parameters, float32 scalars.
+
+    Implements the engine's model interface (``glaunti.glacier``); the state is the SWE (H, W).
+    """
+
+    kind: ClassVar[str] = "A"
+    cell_independent: ClassVar[bool] = True
+    state_cell_axis: ClassVar[int] = 1  # SWE (H, W): a "cells" row (1, N) has its cells on W
 
     prec_scale_log: Array
     ddf_snow_log: Array
@@ -354,7 +356,7 @@ class TIModel(eqx.Module):
         return {name: getattr(self, name) for name in PARAM_NAMES}
 
     def constrained(self) -> TIParams:
-        """Constrained values (MODEL.md §2 table)."""
+        """Constrained values (docs/model.md §2 table)."""
         return TIParams(
             prec_scale=jnp.exp(self.prec_scale_log),
             ddf_snow=jnp.exp(self.ddf_snow_log),
@@ -380,7 +382,7 @@ class TIModel(eqx.Module):
     ):
         """Run one period; returns (smb, swe) — smb (H, W) accumulated or (T, H, W) series.
 
-        ``corrections`` (5, H, W) = d1..d5 of MODEL.md §4; its d5 adds to
+        ``corrections`` (5, H, W) = d1..d5 of docs/model.md §4; its d5 adds to
         ``temperature_shift`` when both are given. See :func:`run_ti` for the rest.
         """
         p = self.constrained()
@@ -392,17 +394,44 @@ class TIModel(eqx.Module):
             return_series,
         )
 
+    # -- the engine's model interface -------------------------------------------------------
+    def initial_state(self, shape) -> Float[Array, "H W"]:
+        return cold_start(self.constrained(), shape)
 
-def trainable_filter(model: TIModel):
-    """Equinox filter spec: True on the seven calibrated leaves, False on the two fixed."""
-    spec = jax.tree_util.tree_map(lambda _: False, model)
-    return eqx.tree_at(
-        lambda m: [getattr(m, name) for name in CALIBRATED], spec, [True] * len(CALIBRATED)
-    )
+    def year_step(self, arrays, k, state, *, series=False, spinup=False, custom_vjp=False):
+        """Balance year k of a glacier (``glaunti.glacier.year_step``); no corrections."""
+        del spinup  # spin-up and study years are the same for A
+        valid = arrays.day_valid[k]
+        step = ti_step(self.constrained(), None, custom_vjp)
+        state, acc, out = scan_block(step, state, arrays, k, valid, jnp.zeros_like(valid), series)
+        return state, acc, None, out
+
+    def trainable_filter(self):
+        """Equinox filter spec: True on the seven calibrated leaves, False on the two fixed."""
+        spec = jax.tree_util.tree_map(lambda _: False, self)
+        return eqx.tree_at(
+            lambda m: [getattr(m, name) for name in CALIBRATED], spec, [True] * len(CALIBRATED)
+        )
+
+    def regularisers(self, run, arrays):
+        """(terms for the log, penalties added to the loss in order): the prior penalty."""
+        del run, arrays
+        penalty = prior_penalty(self)
+        return {"reg_ti": penalty}, [penalty]
+
+    def authors_tree(self):
+        """The authors' parameter tree: ({7 calibrated}, {2 fixed}) stored parameters."""
+        return (
+            {name: getattr(self, name) for name in CALIBRATED},
+            {name: getattr(self, name) for name in FIXED},
+        )
+
+    def from_authors_tree(self, tree) -> TIModel:
+        return TIModel(**tree[0], **tree[1])
 
 
 def prior_penalty(model: TIModel) -> Array:
-    """0.1 · Σ over the nine stored parameters of ((p − p_prior)/p_prior)² (MODEL.md §6)."""
+    """0.1 · Σ over the nine stored parameters of ((p − p_prior)/p_prior)² (docs/model.md §6)."""
     total = jnp.float32(0.0)
     for name in PARAM_NAMES:
         prior = PRIOR_STORED[name]

@@ -65,7 +65,7 @@ def test_years_study_and_grid(ferner, syntet, gletscher):
         assert g.outlines.shape == g.lapse_offset.shape == (9, h, w)
         assert g.facies.shape == (9, 9, h, w)
         assert g.block_length == 384
-    assert ferner.x[0] == 633250.0 and ferner.y[0] == 5186350.0  # FORMAT.md §10 corner + ½ cell
+    assert ferner.x[0] == 633250.0 and ferner.y[0] == 5186350.0  # docs/data_format.md §10 corner + ½ cell
     assert (ferner.fold, ferner.region, ferner.max_year) == (0, "ALP", 1998)
     np.testing.assert_array_equal(ferner.seasonal, True)
     np.testing.assert_array_equal(gletscher.seasonal, False)
@@ -251,7 +251,7 @@ def expected_stakes(name: str, epsg: int, x_left: float, y_top: float) -> pd.Dat
 
 
 @pytest.mark.parametrize("name, epsg, corner", [
-    ("Synth Ferner", 32632, (633200, 5186400)),  # FORMAT.md §10
+    ("Synth Ferner", 32632, (633200, 5186400)),  # docs/data_format.md §10
     ("Syntetbreen", 32633, (452300, 7399800)),
 ])
 def test_stakes(dataset, name, epsg, corner):

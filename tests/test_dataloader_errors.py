@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from dataloader import Dataset, DataError
+from dataloader import DataError, Dataset
 
 GLACIER = "Synth Ferner"
 

@@ -20,7 +20,7 @@ HOSTILE = {
     "GLAUNTI_DATA_FOLDER": "/nonexistent",
     "GLAUNTI_CPU_DEVICES": "3",
     "GLAUNTI_COMPILATION_CACHE": "0",
-    "GLAUNTI_MAX_CHUNK_CELLS": "7",  # read when glaunti.glacier is imported
+    "GLAUNTI_MAX_CHUNK_CELLS": "7",  # no longer read by the library; must stay harmless
     "GLAUNTI_DEBUG": "1",
     "GLAUNTI_COORDINATOR": "localhost:1",
     "GLAUNTI_NOTEBOOK_GLACIER": "Nowhere",

@@ -16,6 +16,7 @@ import optax
 import pytest
 
 import constants
+from conftest import PUBLISHED, reference_path
 from glaunti import (
     CALIBRATED,
     PARAM_NAMES,
@@ -27,8 +28,6 @@ from glaunti import (
     trainable_filter,
 )
 from glaunti.ti_model import PRIOR_CONSTRAINED
-
-from conftest import PUBLISHED, reference_path
 
 # The fixtures agree to a few float32 ulps (max measured: ~1.4e-6 absolute on GRU SMB of
 # order 1, ~1e-6 relative elsewhere); this is 5× tighter than the project-wide limit.
@@ -166,7 +165,7 @@ def test_ti_prior(cases):
 
 def test_ti_prior_penalty_of_published_a(published):
     np.testing.assert_allclose(prior_penalty(published["a"]), 0.0002816053747665137, rtol=1e-6)
-    # The constant TI prior term is part of C's and D's loss too (MODEL.md §9.7).
+    # The constant TI prior term is part of C's and D's loss too (docs/model.md §9.7).
     np.testing.assert_allclose(prior_penalty(published["c"].ti), 0.0002816053747665137, rtol=1e-6)
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from glaunti.analysis import BLOCK_DAYS, SIGMA_LOG_PRECIPITATION, SIGMA_TEMPERATURE
+
 nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 pytest.importorskip("ipykernel")
@@ -80,6 +82,10 @@ def test_xai_notebook(notebook_env):
 def test_aleatoric_notebook(notebook_env):
     summary = execute("aleatoric_uq", notebook_env)
     assert len(summary["figures"]) == 2
+    # The published errors come from their one home in the library, not re-typed in the notebook.
+    assert summary["sigma_temperature_c"] == SIGMA_TEMPERATURE
+    assert summary["sigma_log_precipitation"] == SIGMA_LOG_PRECIPITATION
+    assert summary["block_days"] == BLOCK_DAYS
     assert summary["cumulative_smb_std_mwe"] > 0
     assert summary["small_errors_agree"], summary
     # With the full log-normal precipitation error the ensemble is wider than first order says.

@@ -13,7 +13,6 @@ import numpy as np
 import pyproj
 import pytest
 import xarray as xr
-from georeferencing import assert_georeferenced
 
 import infer_and_evaluate
 from core.inference import CHUNK_VALUES, MAP_VALUES, _blocks, chunk_shape, infer, write_netcdf
@@ -21,6 +20,7 @@ from core.io import atomic_write, atomic_write_json, atomic_write_text
 from core.models import skeleton
 from dataloader import Dataset
 from dataloader.synthetic import generate
+from georeferencing import assert_georeferenced
 from glaunti.glacier import make_arrays
 from glaunti.params import save_params
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import glaunti.params as params_module
+from conftest import PUBLISHED
 from glaunti import (
     Corrector,
     GlaUnTI,
@@ -24,8 +25,6 @@ from glaunti import (
     save_params,
     template,
 )
-
-from conftest import PUBLISHED
 
 KINDS = ("a", "b", "c", "d")
 

@@ -12,10 +12,9 @@ import pytest
 import xarray as xr
 
 import dataloader.prepare.climate as climate_module
+from conftest import EXAMPLE_SOURCES
 from dataloader.errors import DataError
 from dataloader.prepare.climate import G, nearest_cells, open_climate, write_climate
-
-from conftest import EXAMPLE_SOURCES
 
 EPSG = 32632
 # A 2 x 3 glacier grid whose cell centres straddle the boundary 10.75 E between two reanalysis

@@ -17,6 +17,7 @@ import rasterio
 import shapely
 from affine import Affine
 
+from conftest import EXAMPLE_SOURCES
 from dataloader.errors import DataError
 from dataloader.prepare import terrain
 from dataloader.prepare.facies import facies_fields, parse_date, scene_fractions
@@ -29,8 +30,6 @@ from dataloader.prepare.outlines import (
     read_vector_outline,
 )
 from dataloader.prepare.terrain import dem_fields
-
-from conftest import EXAMPLE_SOURCES
 
 UTM = 32632
 X0, Y0 = 650_000.0, 5_190_000.0   # a 100 m corner in UTM 32N (Oetztal Alps)

@@ -17,9 +17,9 @@ from rasterio.transform import from_origin
 
 import constants
 import prepare_glacier
+from conftest import EXAMPLE_SOURCES as SOURCES
 from dataloader import Dataset
 from dataloader.layout import NORMALISATION_FACTORS
-from conftest import EXAMPLE_SOURCES as SOURCES
 from georeferencing import assert_georeferenced
 
 UTM32 = "EPSG:32632"

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import EXAMPLE_SOURCES
 from dataloader.errors import DataError
 from dataloader.layout import write_csv
 from dataloader.prepare.observations import (
@@ -20,8 +21,6 @@ from dataloader.prepare.observations import (
     read_points,
     total_smb_table,
 )
-
-from conftest import EXAMPLE_SOURCES
 
 D = np.datetime64
 

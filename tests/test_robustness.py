@@ -247,6 +247,7 @@ REVIEWED = {
     "core/inference.py",  # write_netcdf writes inside core.io.atomic_path
     "core/demo.py",  # the figure: temporary file + replace
     "core/own_glacier.py",  # the figure: inside core.io.atomic_path
+    "core/notebook.py",  # the notebooks' figures: inside core.io.atomic_path
     "dataloader/synthetic/generator.py",  # the twin: built in a temporary folder and renamed
     "dataloader/layout.py",  # (called by synthetic/generator.py and prepare/glacier.py on temporary folders)
     "dataloader/prepare/glacier.py",  # the glacier: built in a temporary folder and renamed

@@ -3,7 +3,7 @@ that covers it.
 
 A grid is fixed by its CRS (an EPSG code, UTM by default), its upper-left corner and its size;
 cell edges lie on multiples of 100 m so that two preparations of the same glacier agree cell
-for cell. Coordinates follow docs/data_format.md: ``x`` increasing, ``y`` decreasing, cell
+for cell. Coordinates follow docs/data_format.md §5: ``x`` increasing, ``y`` decreasing, cell
 centres at ``x_left + (col + ½)·100`` and ``y_top − (row + ½)·100``.
 """
 
@@ -96,7 +96,7 @@ class Grid:
 
     def cell_of(self, lon, lat) -> tuple[np.ndarray, np.ndarray]:
         """(row, col) int64 of the cells holding points (lon, lat) in EPSG:4326, by the floor
-        rule of docs/data_format.md (point balances): ``col = floor((X − x_left)/100)``,
+        rule of docs/data_format.md §7.2: ``col = floor((X − x_left)/100)``,
         ``row = floor((y_top − Y)/100)``. Points outside the grid get indices < 0 or ≥ the
         size; the caller decides what to do with them."""
         east, north = _transformer(4326, self.epsg).transform(np.asarray(lon, dtype=np.float64),

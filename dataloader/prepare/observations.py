@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+import constants
 from dataloader.errors import DataError
 
 DEFAULT_DATES = {"north": "10-01,05-01,09-30", "south": "04-01,10-01,03-31"}
-BALANCE_CODES = ("annual", "winter", "summer", "index")
 PUBLISHED_GLACIER_WIDE = ("year", "begin_date", "midseason_date", "end_date", "winter_balance",
                           "summer_balance", "annual_balance")
 WGMS_GLACIER_WIDE = {"WINTER_BALANCE": "winter_balance", "SUMMER_BALANCE": "summer_balance",
@@ -304,9 +304,9 @@ def read_points(path, first_year: int, last_year: int,
     begin, end = _dates(raw, "begin_date", path, False), _dates(raw, "end_date", path, False)
     codes = raw["balance_code"].str.strip().str.lower()
     for k in range(len(raw)):
-        if codes.iloc[k] not in BALANCE_CODES:
+        if codes.iloc[k] not in constants.stake_codes:
             raise DataError(path, f"column 'balance_code', line {k + 2}",
-                            f"is '{raw['balance_code'].iloc[k]}', expected one of {BALANCE_CODES}")
+                            f"is '{raw['balance_code'].iloc[k]}', expected one of {constants.stake_codes}")
         if not (-90 <= latitude[k] <= 90 and -180 <= longitude[k] <= 360):
             raise DataError(path, f"line {k + 2}", f"has latitude {latitude[k]}, longitude "
                                                    f"{longitude[k]}: expected WGS 84 degrees")
@@ -335,7 +335,7 @@ def read_points(path, first_year: int, last_year: int,
     diagnostics = {"file": str(path), "n_rows": len(raw), "n_kept": len(rows),
                    "n_outside_years": int((~inside).sum()),
                    "n_without_balance": int((inside & ~np.isfinite(balance)).sum()),
-                   "codes": {c: sum(r["balance_code"] == c for r in rows) for c in BALANCE_CODES}}
+                   "codes": {c: sum(r["balance_code"] == c for r in rows) for c in constants.stake_codes}}
     return rows, diagnostics
 
 

@@ -23,7 +23,7 @@ from rasterio.warp import reproject
 
 from dataloader.errors import DataError
 from dataloader.layout import CELL
-from dataloader.prepare.grid import Grid, pixel_size_m, open_raster, window_of
+from dataloader.prepare.grid import Grid, open_raster, pixel_size_m, window_of
 
 SUBCELLS = 10            # sub-cells per cell side
 MAX_STRIP_PIXELS = 20_000_000   # DEM pixels read at once (~160 MB as float64)

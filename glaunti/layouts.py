@@ -1,0 +1,239 @@
+"""Host-side layouts of a glacier: ``GlacierTensors`` (numpy) → ``GlacierArrays`` (device).
+
+``host_arrays`` gathers what the models and losses read; the training layouts only add padding
+that cannot change a number, so that glaciers share compiled functions
+(``docs/performance.md``). Nothing here knows a model: :func:`layout_for` asks the model
+whether it is cell-independent.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+import constants
+
+
+class GlacierArrays(eqx.Module):
+    """Device arrays of one glacier (see ``docs/architecture.md`` for the fields)."""
+
+    # Daily climate as its distinct cell series (reanalysis resampled by nearest neighbour is
+    # constant over blocks of cells): cell (i, j) reads column climate_cell[i, j].
+    temperature_2m: Float[Array, "D C"]
+    precipitation: Float[Array, "D C"]
+    climate_cell: Int[Array, "H W"]
+    lapse_offset: Float[Array, "Y H W"]
+    outlines: Float[Array, "Y H W"]
+    fields: Float[Array, "Y 12 H W"]  # corrector inputs: outlines, z, zstd (normalised), 9 facies bands
+    climate_monthly: Float[Array, "Y 2 14"]
+    n_months: Int[Array, " Y"]
+    day_index: Int[Array, "Y L"]
+    day_weight: Float[Array, "Y L"]
+    day_valid: Bool[Array, "Y L"]
+    day_season: Int[Array, "Y L"]
+    day_period_start: Bool[Array, "Y L"]
+    seasonal: Bool[Array, " Y"]
+    study: Bool[Array, " Y"]
+    glacier_wide: Float[Array, "Y 3"]
+    stake_year: Int[Array, " N"]
+    stake_code: Int[Array, " N"]
+    stake_row: Int[Array, " N"]
+    stake_col: Int[Array, " N"]
+    stake_balance: Float[Array, " N"]
+    stake_weight: Float[Array, " N"]
+
+    # Spin-up years come first (1990–1994); a static count so that they get their own scan.
+    n_spinup: int = eqx.field(static=True)
+
+    @property
+    def n_years(self) -> int:
+        return self.day_index.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.climate_cell.shape
+
+
+# Stakes are padded to a multiple of this (with zero weight) so that glaciers of one grid shape
+# share compiled functions whatever their number of stakes.
+STAKE_PADDING = 64
+INDEX_CODE = constants.index_stake_code  # index readings: evaluated, never calibrated on
+
+
+def _pad(values, n, fill):
+    values = np.asarray(values)
+    return np.concatenate([values, np.full(n - len(values), fill, dtype=values.dtype)])
+
+
+def host_arrays(tensors, facies: bool = False) -> dict:
+    """The fields of :class:`GlacierArrays` as numpy arrays (exact shapes), plus ``n_spinup``."""
+    n = max(STAKE_PADDING, -(-len(tensors.stake_balance) // STAKE_PADDING) * STAKE_PADDING)
+    f32 = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
+    i32 = lambda a: np.asarray(a, dtype=np.int32)  # noqa: E731
+    facies_bands = np.asarray(tensors.facies, dtype=np.float32)
+    if not facies:
+        facies_bands = np.full_like(facies_bands, constants.facies_placeholder)
+    fields = np.concatenate(
+        [
+            np.asarray(tensors.outlines, np.float32)[:, None],
+            (np.asarray(tensors.elevation, np.float32) / np.float32(constants.elevation_norm))[:, None],
+            (np.asarray(tensors.elevation_std, np.float32) / np.float32(constants.elevation_std_norm))[:, None],
+            facies_bands,
+        ],
+        axis=1,
+    )
+    return dict(
+        temperature_2m=f32(tensors.temperature_2m),
+        precipitation=f32(tensors.precipitation),
+        climate_cell=i32(tensors.climate_cell),
+        lapse_offset=f32(tensors.lapse_offset),
+        outlines=f32(tensors.outlines),
+        fields=f32(fields),
+        climate_monthly=f32(tensors.climate_monthly),
+        n_months=i32(tensors.n_months),
+        day_index=i32(tensors.day_index),
+        day_weight=f32(tensors.day_weight),
+        day_valid=np.asarray(tensors.day_valid, dtype=bool),
+        day_season=i32(tensors.day_season),
+        day_period_start=np.asarray(tensors.day_period_start, dtype=bool),
+        seasonal=np.asarray(tensors.seasonal, dtype=bool),
+        study=np.asarray(tensors.study, dtype=bool),
+        glacier_wide=f32(tensors.glacier_wide),
+        stake_year=i32(_pad(tensors.stake_year, n, 0)),
+        stake_code=i32(_pad(tensors.stake_code, n, INDEX_CODE)),
+        stake_row=i32(_pad(tensors.stake_row, n, 0)),
+        stake_col=i32(_pad(tensors.stake_col, n, 0)),
+        stake_balance=f32(_pad(tensors.stake_balance, n, 0.0)),
+        stake_weight=f32(_pad(tensors.stake_weight, n, 0.0)),
+        n_spinup=int(np.sum(np.asarray(tensors.years) < constants.study_period_start_year)),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Layouts. "exact" keeps the glacier's own shapes (what analysis code and the golden tests use).
+# The training layouts only add padding that cannot change a number, so that glaciers share
+# compiled functions (docs/performance.md):
+#   "padded": the number of years Y, climate days D and climate columns C rounded up to
+#             buckets. Padded years are all-invalid blocks (``study`` False, outlines copied
+#             from the last real year so that no mean divides by zero); ``run_glacier`` skips
+#             them with ``lax.cond``, so they cost nothing. Padded days/columns are never read.
+#             One compile per grid shape (H, W). Used for C and D (the corrector needs the grid).
+#   "cells":  "padded", and the grid replaced by a (1, N) row of the cells that matter for the
+#             loss (glacier in any year, or holding a stake), N rounded up to a cell bucket with
+#             inert padding cells. Exact for the cell-independent models A and B only; one
+#             compile per cell bucket, and 2-3x less work (most of a grid is off-glacier).
+# ----------------------------------------------------------------------------------------------
+LAYOUTS = ("exact", "padded", "cells")
+YEAR_MULTIPLE = 8
+DAY_MULTIPLE = 2048
+MIN_COLUMNS = 16
+MIN_CELLS = 128
+CELL_BUCKETS_PER_OCTAVE = 4
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def column_bucket(c: int) -> int:
+    """Climate columns C rounded up to a power of two (at least 16)."""
+    return max(MIN_COLUMNS, 1 << int(np.ceil(np.log2(max(c, 1)))))
+
+
+def cell_bucket(n: int, per_octave: int = CELL_BUCKETS_PER_OCTAVE) -> int:
+    """Cells rounded up to one of ``per_octave`` sizes per power of two (≤ 1/per_octave padding):
+    128, 160, 192, 224, 256, 320, ... for 4 per octave."""
+    if n <= MIN_CELLS:
+        return MIN_CELLS
+    step = max(1, (1 << (int(np.floor(np.log2(n))))) // per_octave)
+    return _round_up(n, step)
+
+
+def layout_for(model) -> str:
+    """The training layout of a model: "cells" when its cells are independent (A, B: the grid
+    can be packed into a row of the cells that matter), else "padded" (C, D)."""
+    return "cells" if model.cell_independent else "padded"
+
+
+def _pad_axis(a: np.ndarray, axis: int, n: int, fill=0, edge: bool = False) -> np.ndarray:
+    extra = n - a.shape[axis]
+    if extra <= 0:
+        return a
+    if edge:
+        last = np.take(a, [a.shape[axis] - 1], axis=axis)
+        pad = np.repeat(last, extra, axis=axis)
+    else:
+        shape = list(a.shape)
+        shape[axis] = extra
+        pad = np.full(shape, fill, dtype=a.dtype)
+    return np.concatenate([a, pad], axis=axis)
+
+
+def pad_host_arrays(h: dict) -> dict:
+    """The "padded" layout of :func:`host_arrays` output (Y, D, C to buckets), see above."""
+    h = dict(h)
+    n_years = h["day_index"].shape[0]
+    y = _round_up(n_years, YEAR_MULTIPLE)
+    d = _round_up(h["temperature_2m"].shape[0], DAY_MULTIPLE)
+    c = column_bucket(h["temperature_2m"].shape[1])
+    for name in ("temperature_2m", "precipitation"):
+        h[name] = _pad_axis(_pad_axis(h[name], 0, d), 1, c)
+    for name in ("lapse_offset", "outlines", "fields", "climate_monthly", "n_months"):
+        h[name] = _pad_axis(h[name], 0, y, edge=True)
+    for name in ("day_index", "day_weight", "day_valid", "day_season", "day_period_start",
+                 "seasonal", "study"):
+        h[name] = _pad_axis(h[name], 0, y)
+    h["glacier_wide"] = _pad_axis(h["glacier_wide"], 0, y, fill=np.nan)
+    return h
+
+
+def pack_host_cells(h: dict, keep: np.ndarray | None = None) -> dict:
+    """The "cells" layout: the grid becomes a (1, N) row of the kept cells (default: glacier in
+    any year or holding a stake), N rounded up with :func:`cell_bucket`."""
+    h = dict(h)
+    height, width = h["climate_cell"].shape
+    if keep is None:
+        keep = np.any(h["outlines"] > 0, axis=0)
+        keep[h["stake_row"], h["stake_col"]] = True  # padded stakes sit on (0, 0): harmless
+    flat = np.flatnonzero(np.asarray(keep, bool).ravel())
+    n = cell_bucket(len(flat))
+    position = np.zeros(height * width, np.int32)
+    position[flat] = np.arange(len(flat), dtype=np.int32)
+
+    def pack(a):  # (..., H, W) -> (..., 1, n)
+        cells = a.reshape(a.shape[:-2] + (height * width,))[..., flat]
+        return _pad_axis(cells, -1, n)[..., None, :]
+
+    for name in ("climate_cell", "lapse_offset", "outlines", "fields"):
+        h[name] = pack(h[name])
+    h["stake_col"] = position[h["stake_row"] * width + h["stake_col"]]
+    h["stake_row"] = np.zeros_like(h["stake_row"])
+    return h
+
+
+def make_arrays(tensors, facies: bool = False, *, layout: str = "exact", device=None,
+                keep=None) -> GlacierArrays:
+    """``GlacierTensors`` → ``GlacierArrays``. ``facies`` selects model D's inputs (the facies maps
+    where they exist); otherwise the nine facies bands hold the −1 placeholder (model C).
+
+    ``layout`` is "exact" (default: the glacier's own shapes), "padded" or "cells" (training
+    layouts that share compiled functions between glaciers; see :data:`LAYOUTS`). ``device``
+    places the arrays on that device (default: JAX's default device). ``keep`` (H, W) bool
+    overrides the cells kept by the "cells" layout (e.g. every cell, for inference).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    h = host_arrays(tensors, facies)
+    if layout != "exact":
+        h = pad_host_arrays(h)
+    if layout == "cells":
+        h = pack_host_cells(h, keep)
+    n_spinup = h.pop("n_spinup")
+    if device is not None:
+        h = jax.device_put(h, device)
+    else:
+        h = {k: jnp.asarray(v) for k, v in h.items()}
+    return GlacierArrays(**h, n_spinup=n_spinup)
