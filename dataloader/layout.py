@@ -7,7 +7,9 @@ Nothing time-dependent (history, creation date) is written, so that a seed repro
 
 from __future__ import annotations
 
+import os
 import pickle
+import shutil
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable
@@ -168,6 +170,18 @@ def write_csv(path: Path, columns: Iterable[tuple[str, int | None]], rows: Itera
     for row in rows:
         lines.append(",".join(_cell(row[name], digits) for name, digits in columns))
     path.write_text("\n".join(lines) + "\n", encoding="utf-8", newline="\n")
+
+
+def replace_folder(tmp: Path, target: Path) -> None:
+    """Move the finished folder ``tmp`` onto ``target``: an existing ``target`` is set aside and
+    deleted only once the new one is in place, so a reader never finds half a dataset."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+    tmp.rename(target)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def write_normalisation_factors(path: Path) -> None:

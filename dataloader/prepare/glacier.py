@@ -29,6 +29,7 @@ from dataloader.layout import (
     NORMALISATION_FACTORS,
     POINT_SMB_COLUMNS,
     TOTAL_SMB_COLUMNS,
+    replace_folder,
     write_csv,
     write_facies,
     write_normalisation_factors,
@@ -165,18 +166,6 @@ def _index_rows(path: Path, row: dict) -> list[dict]:
     return rows + [row]
 
 
-def _replace(tmp: Path, target: Path) -> None:
-    """Move ``tmp`` onto ``target`` (a folder or a file); an existing target goes only once the
-    new one is in place."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-    tmp.rename(target)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-
-
 def prepare_glacier(data_folder: str | os.PathLike, name: str, sources: Sources,
                     options: Options = Options(), verbose: bool = True) -> dict:
     """Write ``<data_folder>/<name>/`` in the published layout, its ``index.csv`` row and, if
@@ -201,7 +190,7 @@ def prepare_glacier(data_folder: str | os.PathLike, name: str, sources: Sources,
         _say(verbose, "checking that the prepared files load ...")
         info = reader.GlacierInfo(**{k: provenance["index"][k] for k in INDEX_COLUMNS})
         reader.read_glacier(tmp, info, dict(NORMALISATION_FACTORS))
-        _replace(tmp, data_folder / name)
+        replace_folder(tmp, data_folder / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

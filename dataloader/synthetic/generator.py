@@ -21,6 +21,7 @@ from dataloader.layout import (
     INDEX_COLUMNS,
     POINT_SMB_COLUMNS,
     TOTAL_SMB_COLUMNS,
+    replace_folder,
     write_csv,
     write_daily,
     write_facies,
@@ -146,13 +147,7 @@ def generate(out_dir: str | os.PathLike, preset: str = "tiny", seed: int = 0,
                     done(*result.result())
         write_csv(tmp / "index.csv", [(c, None) for c in INDEX_COLUMNS], _index_rows(specs))
         write_normalisation_factors(tmp / "normalisation_factors.pkl")
-        old = None
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        if old is not None:
-            shutil.rmtree(old)
+        replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
