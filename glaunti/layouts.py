@@ -44,6 +44,12 @@ class GlacierArrays(eqx.Module):
     stake_col: Int[Array, " N"]
     stake_balance: Float[Array, " N"]
     stake_weight: Float[Array, " N"]
+    # The glacier's own grid (H, W) before any padding of the grid to a shape bucket: rows and
+    # columns at or beyond it are padding that no model output may depend on.
+    grid_size: Int[Array, " 2"]
+    # Flat indices (into the stored H×W grid) of the cells that can affect the loss: glacier in
+    # any year or holding a stake; padded with H·W (out of range) to a cell bucket.
+    loss_cells: Int[Array, " K"]
 
     # Spin-up years come first (1990–1994); a static count so that they get their own scan.
     n_spinup: int = eqx.field(static=True)
@@ -66,6 +72,17 @@ INDEX_CODE = constants.index_stake_code  # index readings: evaluated, never cali
 def _pad(values, n, fill):
     values = np.asarray(values)
     return np.concatenate([values, np.full(n - len(values), fill, dtype=values.dtype)])
+
+
+def loss_cells(outlines, stake_row, stake_col) -> np.ndarray:
+    """Flat indices of the cells of an (Y, H, W) ``outlines`` grid that can affect the loss
+    (glacier in any year, or holding one of the given stakes), padded with H·W to a cell bucket."""
+    outlines = np.asarray(outlines)
+    height, width = outlines.shape[-2:]
+    keep = np.any(outlines > 0, axis=0)
+    keep[np.asarray(stake_row, int), np.asarray(stake_col, int)] = True
+    flat = np.flatnonzero(keep.ravel()).astype(np.int32)
+    return _pad(flat, cell_bucket(len(flat)), height * width)
 
 
 def host_arrays(tensors, facies: bool = False) -> dict:
@@ -108,6 +125,8 @@ def host_arrays(tensors, facies: bool = False) -> dict:
         stake_col=i32(_pad(tensors.stake_col, n, 0)),
         stake_balance=f32(_pad(tensors.stake_balance, n, 0.0)),
         stake_weight=f32(_pad(tensors.stake_weight, n, 0.0)),
+        grid_size=i32(np.shape(tensors.climate_cell)),
+        loss_cells=loss_cells(tensors.outlines, tensors.stake_row, tensors.stake_col),
         n_spinup=int(np.sum(np.asarray(tensors.years) < constants.study_period_start_year)),
     )
 
@@ -209,6 +228,8 @@ def pack_host_cells(h: dict, keep: np.ndarray | None = None) -> dict:
 
     for name in ("climate_cell", "lapse_offset", "outlines", "fields"):
         h[name] = pack(h[name])
+    h["grid_size"] = np.array([1, n], np.int32)
+    h["loss_cells"] = _pad(np.arange(len(flat), dtype=np.int32), n, n)
     h["stake_col"] = position[h["stake_row"] * width + h["stake_col"]]
     h["stake_row"] = np.zeros_like(h["stake_row"])
     return h
