@@ -13,6 +13,13 @@ For each model, in a fresh subprocess (so that compile times and peak memory are
   (its training layout drops off-glacier cells for A/B and adds bucket padding);
 - inference: seconds per glacier-year of the daily-series inference of one glacier (after a
   warm-up run that compiles);
+- batching: glaciers of one shape bucket run as one vmapped computation (``core.data``);
+  ``sequential_day_steps`` counts the day-loop iterations one training epoch (training and its
+  validation) executes one after another over all its compiled calls (years walked × L per
+  batch), ``glacier_day_steps`` what a per-glacier engine iterates (Σ glaciers × their years ×
+  L), ``compiled_shapes`` the distinct shape buckets of training and validation (one compiled
+  function each, up to the batch size) and ``compiled_programs`` the distinct batch shapes
+  (gradient for training, loss for validation) that XLA compiles;
 - peak host RAM (``ru_maxrss``) and, on GPUs, peak device memory (``memory_stats``);
 - floor: bytes of forcing (T and P, float32, once per stepped cell-day) over the device memory
   bandwidth measured by a copy benchmark, and the ratio epoch / floor.
@@ -58,8 +65,11 @@ def _parse(argv=None):
                    help="Expose N CPU devices (default: one per core, at most 8)")
     p.add_argument("--cache", action="store_true", help="Use the persistent compilation cache")
     p.add_argument("--no_inference", action="store_true", help="Skip the inference timing")
-    p.add_argument("--layout", default=None, choices=("exact", "padded", "cells"),
+    p.add_argument("--layout", default=None, choices=("exact", "padded", "padded_grid", "cells"),
                    help="Override the training layout ('exact' = the engine before bucketing/packing)")
+    p.add_argument("--batch_bytes", type=int, default=None,
+                   help="Device memory per batch of glaciers (default: core.data.batch_budget(); "
+                        "1 = one glacier per batch)")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -133,26 +143,39 @@ def worker(args) -> dict:
     model = skeleton(name)  # A at its prior, fresh B/corrector: the cost does not depend on values
     trainable, static = eqx.partition(model, trainable_filter(model))
     layout = args.layout or layout_for(model)
-    glaciers = GlacierSet(dataset, names, uses_facies(name), layout=layout)
+    glaciers = GlacierSet(dataset, names, uses_facies(name), layout=layout, batch_bytes=args.batch_bytes)
+    validation = GlacierSet(dataset, dataset.val_names, uses_facies(name), layout=layout,
+                            batch_bytes=args.batch_bytes)
     value_and_grad, _ = make_loss_and_grad()
 
-    # Work per epoch: the published grid cell-days and what the engine steps.
+    # Work per epoch: the published grid cell-days and what the engine steps (every glacier of a
+    # batch is stepped on the batch's grid).
     grid_cell_days = computed_cell_days = 0
-    shapes = set()
     for tensors in dataset.iter_glaciers(names):
         h, w = tensors.climate_cell.shape
         days = int(np.asarray(tensors.day_valid).sum())
         grid_cell_days += h * w * days
-    for _, arrays in glaciers():
-        days = int(np.asarray(arrays.day_valid).sum())
-        computed_cell_days += arrays.shape[0] * arrays.shape[1] * days
-        shapes.add((arrays.shape, arrays.n_years, arrays.temperature_2m.shape))
+    for batch in glaciers.batches():
+        for tensors in dataset.iter_glaciers([names[i] for i in batch.indices]):
+            computed_cell_days += batch.grid[0] * batch.grid[1] * int(np.asarray(tensors.day_valid).sum())
+    batches = {"train": glaciers.batches(), "val": validation.batches()}
+    every = batches["train"] + batches["val"]
+    steps = {
+        "sequential_day_steps": sum(b.walked_years * b.block_length for b in every),
+        "glacier_day_steps": sum(b.glacier_years * b.block_length for b in every),
+        "compiled_shapes": len({b.key for b in every}),
+        "compiled_programs": len({("grad", b.signature) for b in batches["train"]}
+                                 | {("loss", b.signature) for b in batches["val"]}),
+        "batches": {subset: [[names_of[i] for i in b.indices] for b in plan]
+                    for subset, plan, names_of in (("train", batches["train"], names),
+                                                   ("val", batches["val"], dataset.val_names))},
+    }
 
     walls, cpus = [], []
     compile_before = dict(events)
     for epoch in range(args.epochs + 1):
         c0, t0 = _cpu_seconds(), time.perf_counter()
-        grads, _ = epoch_gradient(value_and_grad, trainable, static, glaciers)
+        grads, _ = epoch_gradient(value_and_grad, trainable, static, glaciers, verbose=False)
         jax.block_until_ready(grads)
         walls.append(time.perf_counter() - t0)
         cpus.append(_cpu_seconds() - c0)
@@ -162,7 +185,7 @@ def worker(args) -> dict:
     steady_cpu = statistics.median(cpus[1:]) if len(cpus) > 1 else cpus[0]
 
     result = {
-        "model": name, "layout": layout, "glaciers": len(names), "compiled_shapes": len(shapes),
+        "model": name, "layout": layout, "glaciers": len(names), **steps,
         "compile_s": compile_events.get("/jax/core/compile/backend_compile_duration", 0.0),
         "trace_lower_s": compile_events.get("/jax/core/compile/jaxpr_trace_duration", 0.0)
         + compile_events.get("/jax/core/compile/jaxpr_to_mlir_module_duration", 0.0),
@@ -224,7 +247,8 @@ def _machine() -> dict:
     return info
 
 
-COLUMNS = [("model", "{}"), ("glaciers", "{}"), ("compiled_shapes", "{}"), ("compile_s", "{:.1f}"),
+COLUMNS = [("model", "{}"), ("glaciers", "{}"), ("compiled_shapes", "{}"), ("compiled_programs", "{}"),
+           ("sequential_day_steps", "{}"), ("glacier_day_steps", "{}"), ("compile_s", "{:.1f}"),
            ("epoch_s", "{:.2f}"), ("epoch_cpu_s", "{:.2f}"), ("cell_days_per_s", "{:.3g}"),
            ("computed_cell_days_per_s", "{:.3g}"), ("inference_s_per_glacier_year", "{:.3f}"),
            ("peak_host_rss_mb", "{:.0f}"), ("peak_device_mb", "{}"), ("epoch_over_floor", "{:.0f}")]
@@ -250,7 +274,7 @@ def main(argv=None) -> int:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", model, "--data_folder", str(folder),
                "--epochs", str(args.epochs)]
         for flag, value in (("--glaciers", args.glaciers), ("--cpu_devices", args.cpu_devices),
-                            ("--layout", args.layout)):
+                            ("--layout", args.layout), ("--batch_bytes", args.batch_bytes)):
             if value:
                 cmd += [flag, str(value)]
         cmd += ["--cache"] if args.cache else []

@@ -1,11 +1,12 @@
 """Where glaciers run: every local device, and several processes (hosts) with ``jax.distributed``.
 
-Calibration and inference spread glaciers over all devices JAX sees. Glacier ``i`` (in the
-fixed order of the training set) belongs to process ``i % P`` and, inside it, to local device
-``(i // P) % n_local``. Each process computes the loss and gradient of its own glaciers (JAX's
-asynchronous dispatch keeps all its devices busy), the per-glacier results are gathered to every
-process, and the gradients are summed on the host in the fixed glacier order. The sum is
-therefore bit-identical whatever the number of devices and processes, and every process ends
+Calibration and inference spread glaciers over all devices JAX sees. Work item ``i`` (a batch
+of glaciers in training, ``core.data``, or one glacier; in a fixed order) belongs to process
+``i % P`` and, inside it, to local device ``(i // P) % n_local``. Each process computes the
+losses and gradients of its own items (JAX's asynchronous dispatch keeps all its devices busy),
+the results are gathered to every process, and the gradients are summed on the host in the
+fixed item order. Batches depend only on the glaciers and a memory budget, never on the devices,
+so the sum is bit-identical whatever the number of devices and processes, and every process ends
 an epoch with the same parameters; only process 0 writes files.
 
 Environment (read by :func:`setup`, which the scripts call before any computation):
@@ -135,7 +136,8 @@ def is_main_process() -> bool:
 
 
 class Placement:
-    """Glacier ``i`` of a fixed list → its process and its local device (round-robin)."""
+    """Work item (batch or glacier) ``i`` of a fixed list → its process and its local device
+    (round-robin)."""
 
     def __init__(self, devices=None):
         self.devices = list(jax.local_devices() if devices is None else devices)

@@ -10,7 +10,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from glaunti.glacier import INDEX_CODE, SEASONS, GlacierArrays, masked_mean, run_glacier, season_fields
+from glaunti.glacier import (
+    INDEX_CODE,
+    SEASONS,
+    GlacierArrays,
+    GlacierBatch,
+    masked_mean,
+    run_glacier,
+    season_fields,
+)
 
 GLACIER_WIDE_WEIGHT = 0.1
 
@@ -61,7 +69,8 @@ def glacier_loss(model, arrays: GlacierArrays, state=None, *, custom_vjp: bool =
 
     ``state``: start from it instead of the cold start. ``custom_vjp`` (static) runs the TI day
     step with its hand-written reverse-mode derivative (training; forward values identical).
-    ``engine`` is passed on to :func:`glaunti.glacier.run_glacier` (``max_chunk_cells``).
+    ``engine`` is passed on to :func:`glaunti.glacier.run_glacier` (``max_chunk_cells``,
+    ``active_years``).
     """
     run = run_glacier(model, arrays, state, custom_vjp=custom_vjp, **engine)
     terms = data_terms(arrays, season_fields(run.season_smb))
@@ -72,6 +81,29 @@ def glacier_loss(model, arrays: GlacierArrays, state=None, *, custom_vjp: bool =
     for penalty in penalties:
         loss = loss + penalty
     return loss, terms
+
+
+def batch_years(batch: GlacierBatch):
+    """(Y,) bool: the years in which any glacier of the batch has a valid day (the years its
+    year walk runs; the others are skipped for every glacier at once)."""
+    return jnp.any(batch.arrays.day_valid, axis=(0, 2))
+
+
+def batch_loss(model, batch: GlacierBatch, *, custom_vjp: bool = False, **engine):
+    """:func:`glacier_loss` of every glacier of a batch in one vmapped computation.
+
+    Returns (Σ of the glaciers' losses, (losses (B,), terms {name: (B,)})): the gradient of the
+    first is the sum of the glaciers' gradients. Each glacier's loss and terms are those of
+    :func:`glacier_loss` on its own arrays up to float32 summation order (the batch pads grids,
+    stakes and loss cells with inert entries, which changes no number).
+    """
+    active = batch_years(batch)
+
+    def one(arrays):
+        return glacier_loss(model, arrays, custom_vjp=custom_vjp, active_years=active, **engine)
+
+    losses, terms = jax.vmap(one)(batch.arrays)
+    return jnp.sum(losses), (losses, terms)
 
 
 def aux_to_python(terms) -> dict:

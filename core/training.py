@@ -12,16 +12,19 @@ glaciers) follows one of two published rules (``TrainConfig.validation``):
   step e run the validation years. There is no epoch-0 candidate; when the loss improves, the
   parameters after step e are kept.
 
-Each glacier's loss and gradient come from one compiled function (spin-up and all study years),
-compiled once per glacier shape (once per size bucket in the training layouts of
-``glaunti.glacier``) and reused every epoch.
+The glaciers of a ``core.data.GlacierSet`` run in batches: glaciers of one shape bucket of the
+training layouts (``glaunti.layouts``), stacked and run as one vmapped computation
+(``core.loss.batch_loss``: spin-up and all study years, each glacier's loss and terms, the
+gradient of their sum), as many per batch as a memory budget allows. One compiled function per
+batch shape, reused every epoch; its first call says that it compiles. Other sets (fine-tuning's
+single glacier) run glacier by glacier.
 
-Glaciers are spread over every local device and, with ``jax.distributed``, over processes
-(``core.distributed``): each glacier's loss and gradient are computed on its device, JAX's
-asynchronous dispatch keeps the devices busy concurrently, and the per-glacier gradients are
-summed on the host in the fixed order of the training set, so that the result is bit-identical
-whatever the number of devices or processes. Only process 0 writes params, checkpoints
-(``core.checkpoint``) and logs (``core.training_log``).
+Batches are spread over every local device and, with ``jax.distributed``, over processes
+(``core.distributed``): each batch's losses and gradient are computed on its device, JAX's
+asynchronous dispatch keeps the devices busy concurrently, and the batch gradients are summed
+on the host in the fixed batch order. Batches depend only on the glaciers and the memory budget,
+so the result is bit-identical whatever the number of devices or processes. Only process 0
+writes params, checkpoints (``core.checkpoint``) and logs (``core.training_log``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import equinox as eqx
 import jax
@@ -43,13 +46,13 @@ from tqdm.auto import tqdm
 
 from core import distributed
 from core.checkpoint import Checkpoint, CheckpointError, checkpoint_path
-from core.loss import aux_to_python, glacier_loss
+from core.loss import aux_to_python, batch_loss, glacier_loss
 from core.models import trainable_filter
 from core.training_log import LOG_COLUMNS, Log, log_row
-from glaunti.glacier import run_glacier
+from glaunti.glacier import GlacierBatch, run_glacier
 from glaunti.params import save_params
 
-__all__ = ["CLIP_NORM", "LOG_COLUMNS", "VALIDATION_RULES", "Checkpoint", "GlacierResult", "Log",
+__all__ = ["CLIP_NORM", "LOG_COLUMNS", "VALIDATION_RULES", "Checkpoint", "Evaluation", "GlacierResult", "Log",
            "TrainConfig", "TrainingError", "checkpoint_path", "epoch_gradient", "evaluate_glaciers",
            "make_loss_and_grad", "make_optimiser", "sum_gradients", "train"]
 
@@ -80,9 +83,13 @@ def make_optimiser(learning_rate: float):
 
 
 def _loss(trainable, static, arrays):
-    # The TI day step's hand-written VJP (glaunti.ti_model.ti_day_step_vjp): same forward values,
-    # about a quarter less work in the backward pass.
-    return glacier_loss(eqx.combine(trainable, static), arrays, custom_vjp=True)
+    """Loss of one glacier ((loss, terms)) or of a :class:`GlacierBatch` ((Σ loss, (losses,
+    terms))). The TI day step's hand-written VJP (glaunti.ti_model.ti_day_step_vjp): same
+    forward values, about a quarter less work in the backward pass."""
+    model = eqx.combine(trainable, static)
+    if isinstance(arrays, GlacierBatch):
+        return batch_loss(model, arrays, custom_vjp=True)
+    return glacier_loss(model, arrays, custom_vjp=True)
 
 
 def _carried_loss(trainables, static, inputs):
@@ -111,7 +118,8 @@ carried_loss = eqx.filter_jit(_carried_loss)
 
 def make_loss_and_grad():
     """The compiled ``(trainable, static, arrays) -> ((loss, terms), grad)`` and
-    ``(trainable, static, arrays) -> (loss, terms)``."""
+    ``(trainable, static, arrays) -> (loss, terms)``; for a :class:`GlacierBatch` the value is
+    the batch's summed loss and ``terms`` is ``(losses (B,), terms {name: (B,)})``."""
     return loss_and_grad, loss_only
 
 
@@ -145,57 +153,118 @@ def _check_finite(value, what: str, glacier: str, epoch: int) -> None:
 
 
 class GlacierResult:
-    """One glacier's loss, its terms (python numbers) and its flattened gradient (or None)."""
+    """One glacier's loss and its terms (python numbers)."""
 
-    __slots__ = ("index", "name", "loss", "terms", "grad")
+    __slots__ = ("index", "name", "loss", "terms")
 
-    def __init__(self, index, name, loss, terms, grad):
-        self.index, self.name, self.loss, self.terms, self.grad = index, name, loss, terms, grad
+    def __init__(self, index, name, loss, terms):
+        self.index, self.name, self.loss, self.terms = index, name, loss, terms
 
 
-def evaluate_glaciers(fn, trainable, static, glacier_set, with_grad: bool,
-                      placement: distributed.Placement | None = None, window: int = 2):
-    """Loss (and gradient) of every glacier of ``glacier_set`` in its fixed order.
+class Evaluation(NamedTuple):
+    """What :func:`evaluate_glaciers` returns: per-glacier results in glacier order; per work
+    item (a batch, or one glacier), in item order, its glaciers' indices, its value (the summed
+    loss of a batch) and flattened gradient (None without gradient); the gradient's tree
+    structure."""
 
-    ``fn`` is the compiled ``(trainable, static, arrays) -> ((loss, terms), grad)`` (``with_grad``)
-    or ``-> (loss, terms)``. Each glacier runs on its device (``placement``); every local device
-    is driven by its own thread (XLA releases the GIL while it computes, so devices — CPU
-    devices included — run concurrently), with at most ``window`` glaciers in flight per device.
-    Results of other processes are gathered. Returns (list of :class:`GlacierResult` in glacier
-    order, tree structure of the gradient).
-    """
-    placement = placement or distributed.Placement()
+    results: list[GlacierResult]
+    grads: list[tuple[tuple[int, ...], float, np.ndarray | None]]
+    treedef: object
+
+
+# (compiled function, batch signature) pairs already compiled in this process: the first call of
+# a new one says so, since XLA may take a while (model C: tens of seconds on CPU).
+_COMPILED: set = set()
+
+
+def _work_items(glacier_set):
+    """(names, glaciers of each work item, loader ``placed -> (item, signature, describe,
+    arrays)``): a set with ``batches()`` runs in batches, anything else glacier by glacier."""
+    if hasattr(glacier_set, "batches"):
+        plan = glacier_set.batches()
+
+        def load(placed):
+            for b, batch, arrays in glacier_set.iter_batches(placed):
+                yield b, batch.signature, batch.describe(), arrays
+
+        return list(glacier_set.names), [b.indices for b in plan], load
     names = getattr(glacier_set, "names", None)
     if names is None or not hasattr(glacier_set, "iter_placed"):
         items = list(glacier_set())  # a plain callable (e.g. fine-tuning's single glacier)
         names = [name for name, _ in items]
         glacier_set = _Listed(items)
-    names = list(names)
+
+    def load_one(placed):
+        for i, _, arrays in glacier_set.iter_placed(placed):
+            shapes = tuple(np.shape(x) for x in jax.tree_util.tree_leaves(arrays))
+            yield i, shapes, "1 glacier", arrays
+
+    return list(names), [(i,) for i in range(len(names))], load_one
+
+
+def _announce(what: str, describe: str, number: int, total: int):
+    tqdm.write(f"compiling {what} for {describe}" + (f" ({number} of {total})…" if total else "…"))
+    return time.perf_counter()
+
+
+def evaluate_glaciers(fn, trainable, static, glacier_set, with_grad: bool,
+                      placement: distributed.Placement | None = None, window: int = 2,
+                      verbose: bool = True) -> Evaluation:
+    """Loss (and gradient) of every glacier of ``glacier_set`` in its fixed order.
+
+    ``fn`` is the compiled ``(trainable, static, arrays) -> ((value, aux), grad)`` (``with_grad``)
+    or ``-> (value, aux)`` of :func:`make_loss_and_grad`. A set with ``batches()``
+    (``core.data.GlacierSet``) runs batch by batch (``aux`` = (losses, terms)); any other set
+    glacier by glacier (``aux`` = terms). Work item ``j`` (batch or glacier) runs on the device
+    ``placement`` gives index ``j``; every local device is driven by its own thread (XLA
+    releases the GIL while it computes, so devices — CPU devices included — run concurrently),
+    with at most ``window`` items in flight per device. Results of other processes are
+    gathered. The first call of a new compiled shape is announced (``verbose``, process 0).
+    """
+    placement = placement or distributed.Placement()
+    names, items, load = _work_items(glacier_set)
     local: dict[int, tuple] = {}
     treedefs = []
+    largest = max((len(ix) for ix in items), default=1)
+    what = f"model {getattr(static, 'kind', '?')} {'gradient' if with_grad else 'loss'}"
+    announce = verbose and distributed.is_main_process()
+    counter = {"new": 0, "total": 0}
 
     def run_device(device, indices):
         replica = jax.device_put((trainable, static), device)
         pending: deque = deque()
 
         def finish():
-            i, out = pending.popleft()
+            j, out = pending.popleft()
+            value = out[0][0] if with_grad else out[0]
             if with_grad:
-                (loss, terms), grad = out
+                (_, aux), grad = out
                 leaves, treedef = jax.tree_util.tree_flatten(grad)
                 treedefs.append(treedef)
                 flat = np.concatenate([np.ravel(np.asarray(g, np.float32)) for g in leaves]) if leaves \
                     else np.zeros(0, np.float32)
             else:
-                loss, terms = out
+                _, aux = out
                 flat = np.zeros(0, np.float32)
+            losses, terms = aux if isinstance(aux, tuple) else (value, aux)
             keys = list(terms)  # insertion order of the loss: the log's column order
-            values = np.array([np.asarray(loss, np.float32)] + [np.asarray(terms[k], np.float32) for k in keys],
-                              np.float32)
-            local[i] = (keys, np.concatenate([values, flat]))
+            n = len(items[j])
+            per = np.zeros((largest, 1 + len(keys)), np.float32)
+            per[:n] = np.stack([np.asarray(losses, np.float32).reshape(n)]
+                               + [np.asarray(terms[k], np.float32).reshape(n) for k in keys], axis=1)
+            local[j] = (keys, np.concatenate([np.asarray(value, np.float32).reshape(1), per.ravel(), flat]))
 
-        for i, _, arrays in glacier_set.iter_placed([(i, device) for i in indices]):
-            pending.append((i, fn(*replica, arrays)))  # asynchronous dispatch
+        for j, signature, describe, arrays in load([(j, device) for j in indices]):
+            key = (id(fn), type(static), signature)
+            if key in _COMPILED:
+                pending.append((j, fn(*replica, arrays)))  # asynchronous dispatch
+            else:
+                _COMPILED.add(key)
+                counter["new"] += 1
+                t0 = _announce(what, describe, counter["new"], counter["total"]) if announce else None
+                pending.append((j, fn(*replica, arrays)))  # traces and compiles, then dispatches
+                if t0 is not None:
+                    tqdm.write(f"  compiled in {time.perf_counter() - t0:.1f} s")
             del arrays
             while len(pending) >= window:
                 finish()
@@ -203,10 +272,11 @@ def evaluate_glaciers(fn, trainable, static, glacier_set, with_grad: bool,
             finish()
 
     by_device: dict = {}
-    for i in placement.local_indices(len(names)):
-        by_device.setdefault(placement.device(i), []).append(i)
-    if not by_device and names:
-        # This process owns no glacier (more processes than glaciers): it computes glacier 0
+    for j in placement.local_indices(len(items)):
+        by_device.setdefault(placement.device(j), []).append(j)
+    counter["total"] = _new_signatures(glacier_set, fn, static, by_device)
+    if not by_device and items:
+        # This process owns no work item (more processes than items): it computes item 0
         # once, only to learn the layout of the gathered rows, and contributes nothing.
         run_device(placement.devices[0], [0])
         layout_row = local.pop(0)
@@ -221,20 +291,36 @@ def evaluate_glaciers(fn, trainable, static, glacier_set, with_grad: bool,
     treedef = treedefs[0] if treedefs else None
 
     if not local and layout_row is None:
-        return [], treedef
+        return Evaluation([], [], treedef)
     keys, first_row = local[min(local)] if local else layout_row
     if placement.n_processes > 1:
-        rows = distributed.gather_rows({i: r for i, (_, r) in local.items()}, len(names), len(first_row),
+        rows = distributed.gather_rows({j: r for j, (_, r) in local.items()}, len(items), len(first_row),
                                        placement)
     else:
-        rows = [local[i][1] for i in range(len(names))]
-    results = []
-    for i, name in enumerate(names):
-        row = np.asarray(rows[i], np.float32)
-        terms = aux_to_python(dict(zip(keys, row[1:1 + len(keys)])))
-        grad = row[1 + len(keys):] if with_grad else None
-        results.append(GlacierResult(i, name, float(row[0]), terms, grad))
-    return results, treedef
+        rows = [local[j][1] for j in range(len(items))]
+    width = 1 + len(keys)
+    per_glacier: dict[int, np.ndarray] = {}
+    grads = []
+    for j, indices in enumerate(items):
+        row = np.asarray(rows[j], np.float32)
+        per = row[1:1 + largest * width].reshape(largest, width)
+        for position, i in enumerate(indices):
+            per_glacier[i] = per[position]
+        grads.append((indices, float(row[0]), row[1 + largest * width:] if with_grad else None))
+    results = [GlacierResult(i, name, float(per_glacier[i][0]),
+                             aux_to_python(dict(zip(keys, per_glacier[i][1:]))))
+               for i, name in enumerate(names)]
+    return Evaluation(results, grads, treedef)
+
+
+def _new_signatures(glacier_set, fn, static, by_device) -> int:
+    """How many of this process's work items will compile anew (0 when unknown beforehand)."""
+    if not hasattr(glacier_set, "batches"):
+        return 0
+    plan = glacier_set.batches()
+    mine = [j for indices in by_device.values() for j in indices]
+    done = {s for f, kind, s in _COMPILED if f == id(fn) and kind is type(static)}
+    return len({plan[j].signature for j in mine} - done)
 
 
 class _Listed:
@@ -250,11 +336,11 @@ class _Listed:
             yield i, name, (arrays if device is None else jax.device_put(arrays, device))
 
 
-def sum_gradients(results, treedef, trainable):
-    """Σ of the per-glacier gradients in glacier order (numpy float32, as one vector), as a tree."""
+def sum_gradients(grads, treedef, trainable):
+    """Σ of the work items' flattened gradients in item order (numpy float32), as a tree."""
     total = None
-    for r in results:
-        total = r.grad.copy() if total is None else total + r.grad
+    for _, _, grad in grads:
+        total = grad.copy() if total is None else total + grad
     leaves = jax.tree_util.tree_leaves(trainable)
     out, offset = [], 0
     for leaf in leaves:
@@ -264,15 +350,20 @@ def sum_gradients(results, treedef, trainable):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def epoch_gradient(value_and_grad, trainable, static, train_set, placement=None, epoch: int = 0):
+def epoch_gradient(value_and_grad, trainable, static, train_set, placement=None, epoch: int = 0,
+                   verbose: bool = True):
     """The summed gradient of one epoch and the per-glacier results (raises on non-finite)."""
-    results, treedef = evaluate_glaciers(value_and_grad, trainable, static, train_set, True, placement)
+    results, grads, treedef = evaluate_glaciers(value_and_grad, trainable, static, train_set, True, placement,
+                                                verbose=verbose)
     if not results:
         raise TrainingError("no training glaciers: the training set is empty")
     for r in results:
         _check_finite(r.loss, "training loss", r.name, epoch)
-        _check_finite(r.grad, "gradient", r.name, epoch)
-    return sum_gradients(results, treedef, trainable), results
+    for indices, value, grad in grads:
+        names = "', '".join(results[i].name for i in indices)
+        _check_finite(value, "training loss", names, epoch)
+        _check_finite(grad, "gradient", names, epoch)
+    return sum_gradients(grads, treedef, trainable), results
 
 
 def train(
@@ -315,10 +406,11 @@ def train(
         """Mean validation data loss of ``trainable`` ("carried": continuing ``before``'s pass)."""
         if carried:
             pairs = _Listed([(name, (np.int32(handover[name]), arrays)) for name, arrays in val_set()])
-            results, _ = evaluate_glaciers(carried_loss, (before, trainable), static, pairs, False,
-                                           placement)
+            results = evaluate_glaciers(carried_loss, (before, trainable), static, pairs, False,
+                                        placement, verbose=config.show_progress).results
         else:
-            results, _ = evaluate_glaciers(value, trainable, static, val_set, False, placement)
+            results = evaluate_glaciers(value, trainable, static, val_set, False, placement,
+                                        verbose=config.show_progress).results
         losses = []
         for r in results:
             _check_finite(r.terms["data_loss"], "validation loss", r.name, epoch)
@@ -342,7 +434,8 @@ def train(
                disable=not (config.show_progress and main), initial=state.epoch, total=config.epochs)
     for epoch in bar:
         t0 = time.perf_counter()
-        grads, results = epoch_gradient(value_and_grad, state.trainable, static, train_set, placement, epoch)
+        grads, results = epoch_gradient(value_and_grad, state.trainable, static, train_set, placement, epoch,
+                                        verbose=config.show_progress)
         for r in results:
             log.add(log_row(epoch, r.name, "train", r.loss, r.terms, None))
         before = state.trainable

@@ -18,6 +18,16 @@ Conventions, established by matching the golden fixtures bit-for-bit where possi
 - max-pool 2×2 stride 2 and average-pool 2 stride 2 (Equinox's pools) drop a trailing odd
   row/column;
 - the final upsampling is ``jax.image.resize(..., 'bilinear', antialias=False)``.
+
+Padded grids. So that one compiled function serves every glacier of a shape bucket, the
+corrector also runs on a grid padded at the bottom/right to a stored shape (Hp, Wp) given the
+true size (H, W) (``grid_size``, possibly traced). The padded cells then hold zeros before every
+convolution (so the 'SAME' padding sees zeros beyond the true border, as on the true grid), the
+RMS norms average over true cells only, each pooling level tracks its true size
+(⌊h/2⌋ × ⌊w/2⌋), and the upsampling is jax.image.resize's bilinear weights built from the
+traced sizes (:func:`resize_bilinear_padded`). The true block of the output then equals the
+unpadded call to float32 rounding (the norms' sums run in another order), the rest is 0, and the
+padded cells' values reach neither the output nor the gradient.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 import constants
 
@@ -42,6 +52,8 @@ OUT_SCALE = 0.1
 RMS_EPS = 1e-6
 # The monthly series covers 12–14 (partial) months (docs/model.md §9.6).
 MONTH_COUNTS = (12, 13, 14)
+# jax.image.resize's threshold below which a column of weights is treated as empty.
+_RESIZE_WEIGHT_FLOOR = 1000.0 * float(np.finfo(np.float32).eps)
 
 
 class RMSNorm(eqx.Module):
@@ -56,14 +68,18 @@ class RMSNorm(eqx.Module):
         self.weight = jnp.ones(shape, jnp.float32)
         self.bias = jnp.zeros(shape, jnp.float32)
 
-    def __call__(self, x: Float[Array, "C ..."]) -> Float[Array, "C ..."]:
+    def __call__(
+        self, x: Float[Array, "C ..."], mask: Bool[Array, "..."] | None = None
+    ) -> Float[Array, "C ..."]:
+        """``mask`` (the non-channel shape) restricts the mean to the true cells of a padded
+        grid (their count, not the array size, divides the sum)."""
         # The published op order (x·x, mean, + ε, sqrt, divide, then scale and shift), not the
         # equal x·rsqrt(m + ε): where the bottleneck normalises one or two cells the output is
         # nearly x/|x| and the gradient through it is float32 rounding of two nearly equal
         # terms, which the two forms round differently (3e-3 relative on the tiny dataset) and
         # Adam turns into learning-rate-sized steps (tests/test_training_reproduction.py).
         axes = tuple(range(1, x.ndim))
-        rms = jnp.sqrt(jnp.mean(x * x, axis=axes, keepdims=True) + RMS_EPS)
+        rms = jnp.sqrt(jnp.mean(x * x, axis=axes, keepdims=True, where=mask) + RMS_EPS)
         return (x / rms) * self.weight + self.bias
 
 
@@ -79,8 +95,12 @@ class ConvBlock(eqx.Module):
         )
         self.norm = RMSNorm(channels, spatial_dims)
 
-    def __call__(self, x):
-        return jax.nn.swish(self.norm(self.conv(x)))
+    def __call__(self, x, mask: Bool[Array, "..."] | None = None):
+        """With ``mask`` (padded grid; ``x`` zero outside it) the output is zeroed outside the
+        mask again, ready for the next 'SAME' convolution."""
+        if mask is None:
+            return jax.nn.swish(self.norm(self.conv(x)))
+        return jnp.where(mask, jax.nn.swish(self.norm(self.conv(x), mask)), 0.0)
 
 
 class DoubleBlock(eqx.Module):
@@ -94,8 +114,8 @@ class DoubleBlock(eqx.Module):
         self.block1 = ConvBlock(channels, spatial_dims, k1)
         self.block2 = ConvBlock(channels, spatial_dims, k2)
 
-    def __call__(self, x):
-        return self.block2(self.block1(x))
+    def __call__(self, x, mask: Bool[Array, "..."] | None = None):
+        return self.block2(self.block1(x, mask), mask)
 
 
 class Down(eqx.Module):
@@ -113,6 +133,13 @@ class Down(eqx.Module):
 def max_pool_2x2(x: Float[Array, "C H W"]) -> Float[Array, "C H//2 W//2"]:
     """2×2 max-pool, stride 2, no padding (a trailing odd row/column is dropped)."""
     return eqx.nn.MaxPool2d(kernel_size=2, stride=2)(x)
+
+
+def grid_mask(size: Int[Array, "2"], shape: tuple[int, int]) -> Bool[Array, "Hp Wp"]:
+    """True on the top-left ``size`` = (h, w) block of an array of static ``shape``."""
+    rows = jnp.arange(shape[0]) < size[0]
+    cols = jnp.arange(shape[1]) < size[1]
+    return rows[:, None] & cols[None, :]
 
 
 def avg_pool_2(x: Float[Array, "C T"]) -> Float[Array, "C T//2"]:
@@ -135,11 +162,25 @@ class Branch2D(eqx.Module):
         self.downs = [Down(WIDTH_2D, k) for k in k_downs]
         self.bottleneck = DoubleBlock(WIDTH_2D, 2, k_b)
 
-    def __call__(self, x):
-        x = self.in_conv(x)
+    def __call__(
+        self, x: Float[Array, "15 H W"], grid_size: Int[Array, "2"] | None = None
+    ) -> Float[Array, "32 H//8 W//8"]:
+        """With ``grid_size`` = (h, w), ``x`` is a padded grid whose true cells are its
+        top-left h×w block; the output's true block is then (h//8, w//8), zero elsewhere."""
+        if grid_size is None:
+            x = self.in_conv(x)
+            for down in self.downs:
+                x = down(x)
+            return self.bottleneck(x)
+        mask = grid_mask(grid_size, x.shape[1:])
+        x = self.in_conv(jnp.where(mask, x, 0.0))  # 1×1, no bias: zero stays zero
         for down in self.downs:
-            x = down(x)
-        return self.bottleneck(x)
+            # The 2×2 pool keeps ⌊h/2⌋ × ⌊w/2⌋ true cells (it drops a trailing odd row/column).
+            grid_size = grid_size // 2
+            x = max_pool_2x2(down.block(x, mask))
+            mask = grid_mask(grid_size, x.shape[1:])
+            x = jnp.where(mask, x, 0.0)
+        return self.bottleneck(x, mask)
 
 
 class Branch1D(eqx.Module):
@@ -167,6 +208,84 @@ def check_grid(height: int, width: int) -> None:
         raise ValueError(
             f"the corrector needs a grid of at least {side}×{side} cells (three 2×2 "
             f"poolings); got H×W = {height}×{width}"
+        )
+
+
+def bilinear_weights(
+    in_size: Int[Array, ""], out_size: Int[Array, ""], in_len: int, out_len: int
+) -> Float[Array, "in_len out_len"]:
+    """jax.image.resize's bilinear (antialias=False) interpolation weights from ``in_size`` to
+    ``out_size`` samples (both possibly traced), padded with zero rows/columns to the static
+    (``in_len``, ``out_len``).
+
+    The float32 formula of jax's ``compute_weight_mat`` (jax/_src/image/scale.py): sample
+    positions ``(i + 0.5)·(in/out) − 0.5``, the triangle kernel, each column divided by its sum,
+    columns sampling outside the input zeroed. (jax rounds ``1/(out/in)`` from float64 to float32;
+    ``in/out`` in float32 is the same number: both are the correctly rounded ratio, which for
+    small integers is never near a float32 tie; tests/test_corrector_padding.py checks every
+    size up to 1024.) Upsampling, a column has at most two non-zero
+    weights, so the zero rows change no sum.
+    """
+    inv_scale = in_size.astype(jnp.float32) / out_size.astype(jnp.float32)
+    sample = (jnp.arange(out_len, dtype=jnp.float32) + 0.5) * inv_scale - 0.5
+    source = jnp.arange(in_len, dtype=jnp.float32)
+    weights = jnp.maximum(0.0, 1.0 - jnp.abs(sample[None, :] - source[:, None]))
+    weights = jnp.where((jnp.arange(in_len) < in_size)[:, None], weights, 0.0)
+    total = jnp.sum(weights, axis=0, keepdims=True)
+    weights = jnp.where(
+        jnp.abs(total) > _RESIZE_WEIGHT_FLOOR,
+        weights / jnp.where(total != 0, total, 1.0),
+        0.0,
+    )
+    inside = (sample >= -0.5) & (sample <= in_size.astype(jnp.float32) - 0.5)
+    inside = inside & (jnp.arange(out_len) < out_size)
+    return jnp.where(inside[None, :], weights, 0.0)
+
+
+def resize_bilinear_padded(
+    x: Float[Array, "C hp wp"],
+    in_size: Int[Array, "2"],
+    out_size: Int[Array, "2"],
+    out_shape: tuple[int, int],
+) -> Float[Array, "C Hp Wp"]:
+    """``jax.image.resize(x[:, :h, :w], (C, H, W), "bilinear", antialias=False)`` for traced
+    ``in_size`` = (h, w) and ``out_size`` = (H, W), in the top-left of a zero (C, ``out_shape``)
+    array.
+
+    The same weights (:func:`bilinear_weights`) as two contractions at the highest precision.
+    Equal to jax's to float32 rounding, not bit for bit: jax orders the two contractions by
+    opt_einsum's flop count of the true sizes, and XLA compiles the weights' arithmetic (a
+    division by the column sum becomes a multiplication by its reciprocal, the sample positions
+    are recomputed in several fused loops) into roundings that differ by an ulp from one
+    compiled function to another.
+    """
+    hp, wp = x.shape[1:]
+    rows = bilinear_weights(in_size[0], out_size[0], hp, out_shape[0])
+    cols = bilinear_weights(in_size[1], out_size[1], wp, out_shape[1])
+    highest = jax.lax.Precision.HIGHEST
+    x = jnp.einsum("chw,hH->cHw", x, rows, precision=highest)
+    return jnp.einsum("cHw,wW->cHW", x, cols, precision=highest)
+
+
+def _check_grid_size(grid_size: Int[Array, "2"], height: int, width: int) -> None:
+    """Shape check of a padded call's ``grid_size``; its values too when they are concrete.
+
+    A traced ``grid_size`` (under jit or vmap) cannot be checked: a size beyond the array or
+    below ``constants.min_grid_side`` gives wrong numbers (NaN once a pooled size reaches 0)
+    instead of an error. The engine checks every glacier's real grid with :func:`check_grid`
+    on the host before it pads.
+    """
+    if grid_size.shape != (2,) or not jnp.issubdtype(grid_size.dtype, jnp.integer):
+        raise ValueError(
+            f"grid_size must be an integer array (2,) = (H, W); got {grid_size.dtype}{grid_size.shape}"
+        )
+    if isinstance(grid_size, jax.core.Tracer):
+        return
+    true_height, true_width = (int(v) for v in grid_size)
+    check_grid(true_height, true_width)
+    if true_height > height or true_width > width:
+        raise ValueError(
+            f"grid_size {true_height}×{true_width} exceeds the padded corrector grid {height}×{width}"
         )
 
 
@@ -225,18 +344,37 @@ class Corrector(eqx.Module):
         fields: Float[Array, "15 H W"],
         climate_monthly: Float[Array, "2 M"],
         n_months: Int[Array, ""] | int | None = None,
+        grid_size: Int[Array, "2"] | None = None,
     ) -> Float[Array, "5 H W"]:
-        """Corrections d1..d5 (5, H, W); see :meth:`climate_features` for ``n_months``."""
+        """Corrections d1..d5 (5, H, W); see :meth:`climate_features` for ``n_months``.
+
+        ``grid_size`` = (H, W) (int, possibly traced) runs on a padded grid: ``fields`` is
+        (15, Hp, Wp) with the glacier's grid in its top-left H×W block (the rest may hold any
+        finite values); the result is (5, Hp, Wp), equal to the unpadded call on that block
+        to float32 rounding and 0 elsewhere. A traced ``grid_size`` is not checked (see
+        :func:`_check_grid_size`).
+        """
         fields = jnp.asarray(fields, jnp.float32)
         if fields.ndim != 3 or fields.shape[0] != N_FIELDS:
             raise ValueError(f"corrector fields must be ({N_FIELDS}, H, W); got {fields.shape}")
         _, height, width = fields.shape
         check_grid(height, width)
-        x2 = self.branch_2d(fields)  # (32, h, w)
+        if grid_size is None:
+            x2 = self.branch_2d(fields)  # (32, h, w)
+            x1 = self.reproj_1d_to_2d_conv(self.climate_features(climate_monthly, n_months))
+            x = self.fuse_conv(x2 + x1[:, :, None])  # (32, 1) broadcast over (h, w)
+            out = self.out_conv(x) * OUT_SCALE
+            return jax.image.resize(out, (N_OUT, height, width), "bilinear", antialias=False)
+        grid_size = jnp.asarray(grid_size)
+        _check_grid_size(grid_size, height, width)
+        grid_size = grid_size.astype(jnp.int32)
+        x2 = self.branch_2d(fields, grid_size)  # (32, Hp//8, Wp//8), true block (H//8, W//8)
         x1 = self.reproj_1d_to_2d_conv(self.climate_features(climate_monthly, n_months))
-        x = self.fuse_conv(x2 + x1[:, :, None])  # (32, 1) broadcast over (h, w)
-        out = self.out_conv(x) * OUT_SCALE
-        return jax.image.resize(out, (N_OUT, height, width), "bilinear", antialias=False)
+        bottom_size = grid_size // 8  # three floor halvings
+        mask = grid_mask(bottom_size, x2.shape[1:])
+        x = self.fuse_conv(jnp.where(mask, x2 + x1[:, :, None], 0.0), mask)
+        out = jnp.where(mask, self.out_conv(x) * OUT_SCALE, 0.0)  # the bias is not zero
+        return resize_bilinear_padded(out, bottom_size, grid_size, (height, width))
 
 
 def trainable_filter(model: Corrector):

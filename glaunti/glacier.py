@@ -26,6 +26,7 @@ calls it: GPUs would otherwise use TF32 and leave the published numbers.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import equinox as eqx
@@ -39,8 +40,10 @@ from glaunti.layouts import (  # noqa: F401  (the whole-glacier API in one impor
     LAYOUTS,
     STAKE_PADDING,
     GlacierArrays,
+    GlacierBatch,
     cell_bucket,
     column_bucket,
+    grid_bucket,
     host_arrays,
     layout_for,
     make_arrays,
@@ -178,13 +181,18 @@ def year_step(model, arrays: GlacierArrays, k, state, series: bool = False, spin
 
 
 def walk_years(model, arrays: GlacierArrays, state, first: int = 0, last: int | None = None, *,
-               series: bool = False, reduce: Callable | None = None, custom_vjp: bool = False):
+               series: bool = False, reduce: Callable | None = None, custom_vjp: bool = False,
+               active_years=None):
     """Balance years ``first``..``last`` (static, inclusive; default all) from ``state``.
 
     Spin-up years (``k < arrays.n_spinup``) and study years get separate scans (C/D treat them
-    differently); each year is rematerialised in the backward pass, which then keeps one state
-    per year. Years without a valid day (padding of the training layouts) are skipped by
-    ``lax.cond``: state unchanged, zero SMB and corrections.
+    differently); each year is rematerialised in the backward pass (with the model's
+    ``year_remat_policy`` if it has one), which then keeps one state per year. Years without a
+    valid day (padding of the training layouts) are skipped by ``lax.cond``: state unchanged,
+    zero SMB and corrections. ``active_years`` (Y,) bool overrides which years run (default:
+    those with a valid day). Under ``jax.vmap`` over a batch of glaciers it must be the batch's
+    (any glacier of the batch has days), not batched: a batched predicate turns the ``cond``
+    into a ``select`` that runs every year; a year run without valid days changes nothing.
 
     ``reduce(k, daily)`` (with ``series``) maps a year's (L, H, W) daily SMB before it is
     stacked, e.g. to its glacier-wide mean, so that only the reduced values are kept.
@@ -195,10 +203,11 @@ def walk_years(model, arrays: GlacierArrays, state, first: int = 0, last: int | 
     last = arrays.n_years - 1 if last is None else last
     if not 0 <= first <= last < arrays.n_years:
         raise ValueError(f"years {first}..{last} are not a range of the glacier's {arrays.n_years} years")
-    has_days = jnp.any(arrays.day_valid, axis=1)
+    has_days = jnp.any(arrays.day_valid, axis=1) if active_years is None else active_years
+    policy = getattr(model, "year_remat_policy", None)
 
     def scan(state, years, spinup):
-        @jax.checkpoint
+        @functools.partial(jax.checkpoint, policy=policy)
         def body(state, k):
             def run(state):
                 state, acc, corrections, out = year_step(model, arrays, k, state, series=series,
@@ -226,25 +235,28 @@ def walk_years(model, arrays: GlacierArrays, state, first: int = 0, last: int | 
 
 
 def run_glacier(model, arrays: GlacierArrays, state=None, *, custom_vjp: bool = False,
-                max_chunk_cells=_DEFAULT) -> GlacierRun:
+                max_chunk_cells=_DEFAULT, active_years=None) -> GlacierRun:
     """Every balance year of the glacier, spin-up then study years, from the cold start (or
-    ``state``), in one traced computation (:func:`walk_years`).
+    ``state``), in one traced computation (:func:`walk_years`, which ``active_years`` is
+    passed to).
 
     A cell-independent model on a "cells" glacier larger than ``max_chunk_cells`` (default
     :data:`MAX_CHUNK_CELLS`; None: never) is run in chunks of cells to bound memory."""
     limit = MAX_CHUNK_CELLS if max_chunk_cells is _DEFAULT else max_chunk_cells
     if limit and model.cell_independent and arrays.shape[0] == 1 and arrays.shape[1] > limit:
-        return _chunked_run(model, arrays, state, limit, custom_vjp)
+        return _chunked_run(model, arrays, state, limit, custom_vjp, active_years)
     if state is None:
         state = initial_state(model, arrays)
-    state, season_smb, corrections, _ = walk_years(model, arrays, state, custom_vjp=custom_vjp)
+    state, season_smb, corrections, _ = walk_years(model, arrays, state, custom_vjp=custom_vjp,
+                                                   active_years=active_years)
     return GlacierRun(season_smb, corrections, state)
 
 
 _CELL_FIELDS = ("climate_cell", "lapse_offset", "outlines", "fields")
 
 
-def _chunked_run(model, arrays: GlacierArrays, state, max_cells: int, custom_vjp: bool) -> GlacierRun:
+def _chunked_run(model, arrays: GlacierArrays, state, max_cells: int, custom_vjp: bool,
+                 active_years=None) -> GlacierRun:
     """:func:`run_glacier` of a (1, N) "cells" glacier, ``max_cells`` cells at a time."""
     n = arrays.shape[1]
     n_chunks = -(-n // max_cells)
@@ -272,7 +284,8 @@ def _chunked_run(model, arrays: GlacierArrays, state, max_cells: int, custom_vjp
         part_cells, part_state = x
         part = eqx.tree_at(lambda a: [getattr(a, f) for f in _CELL_FIELDS], arrays,
                            [part_cells[f] for f in _CELL_FIELDS])
-        run = run_glacier(model, part, part_state, custom_vjp=custom_vjp, max_chunk_cells=None)
+        run = run_glacier(model, part, part_state, custom_vjp=custom_vjp, max_chunk_cells=None,
+                          active_years=active_years)
         return run.season_smb, run.state
 
     smb, final = jax.lax.map(one, (cells, states))  # (n_chunks, Y, 2, 1, size), states

@@ -15,6 +15,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 import constants
+from glaunti.corrector import check_grid
 
 
 class GlacierArrays(eqx.Module):
@@ -53,6 +54,10 @@ class GlacierArrays(eqx.Module):
 
     # Spin-up years come first (1990–1994); a static count so that they get their own scan.
     n_spinup: int = eqx.field(static=True)
+    # Whether the grid was padded to a shape bucket ("padded_grid"): models that see the whole
+    # grid then mask what lies beyond ``grid_size`` (static: the unpadded path stays the
+    # published computation, bit for bit).
+    grid_padded: bool = eqx.field(static=True, default=False)
 
     @property
     def n_years(self) -> int:
@@ -140,17 +145,29 @@ def host_arrays(tensors, facies: bool = False) -> dict:
 #             from the last real year so that no mean divides by zero); ``run_glacier`` skips
 #             them with ``lax.cond``, so they cost nothing. Padded days/columns are never read.
 #             One compile per grid shape (H, W). Used for C and D (the corrector needs the grid).
+#   "padded_grid": "padded", and the grid padded (bottom/right) to a shape bucket
+#             (:func:`grid_bucket`) with inert cells: outlines, fields, lapse offset and climate
+#             column 0, never a stake. Exact only for a model whose outputs on the glacier's own
+#             grid do not depend on the padding (it reads ``grid_size``); such a model says so with
+#             ``pads_grid = True`` and :func:`layout_for` then picks this layout. One compile per
+#             shape bucket instead of per grid shape.
 #   "cells":  "padded", and the grid replaced by a (1, N) row of the cells that matter for the
 #             loss (glacier in any year, or holding a stake), N rounded up to a cell bucket with
 #             inert padding cells. Exact for the cell-independent models A and B only; one
 #             compile per cell bucket, and 2-3x less work (most of a grid is off-glacier).
+# Glaciers of one bucket are also stacked into batches (:func:`stack_host_arrays`), which pad
+# their stakes, loss cells and (for "cells") their cell rows to the batch's largest.
 # ----------------------------------------------------------------------------------------------
-LAYOUTS = ("exact", "padded", "cells")
+LAYOUTS = ("exact", "padded", "padded_grid", "cells")
 YEAR_MULTIPLE = 8
 DAY_MULTIPLE = 2048
 MIN_COLUMNS = 16
 MIN_CELLS = 128
 CELL_BUCKETS_PER_OCTAVE = 4
+# Grid sides of "padded_grid": at least 32 (the corrector pools three times by 2, and on a GPU a
+# smaller grid costs launch latency, not arithmetic), above that 4 sizes per octave in steps of
+# at least 8 (≤ 25 % padding per side, ≤ 56 % per grid). docs/performance.md lists the waste.
+MIN_GRID_SIDE = 32
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -171,10 +188,26 @@ def cell_bucket(n: int, per_octave: int = CELL_BUCKETS_PER_OCTAVE) -> int:
     return _round_up(n, step)
 
 
+def side_bucket(n: int) -> int:
+    """A grid side rounded up for "padded_grid": 32, 40, 48, 56, 64, 80, 96, ..., 512, 640, ..."""
+    if n <= MIN_GRID_SIDE:
+        return MIN_GRID_SIDE
+    step = max(8, (1 << int(np.floor(np.log2(n)))) // CELL_BUCKETS_PER_OCTAVE)
+    return _round_up(n, step)
+
+
+def grid_bucket(height: int, width: int) -> tuple[int, int]:
+    """The padded grid (H', W') of an (H, W) grid in the "padded_grid" layout."""
+    return side_bucket(height), side_bucket(width)
+
+
 def layout_for(model) -> str:
     """The training layout of a model: "cells" when its cells are independent (A, B: the grid
-    can be packed into a row of the cells that matter), else "padded" (C, D)."""
-    return "cells" if model.cell_independent else "padded"
+    can be packed into a row of the cells that matter), else "padded_grid" when the model
+    declares ``pads_grid`` (its outputs ignore cells beyond ``grid_size``), else "padded"."""
+    if model.cell_independent:
+        return "cells"
+    return "padded_grid" if getattr(model, "pads_grid", False) else "padded"
 
 
 def _pad_axis(a: np.ndarray, axis: int, n: int, fill=0, edge: bool = False) -> np.ndarray:
@@ -209,6 +242,69 @@ def pad_host_arrays(h: dict) -> dict:
     return h
 
 
+# Keys of a host dict that are static fields of GlacierArrays, not arrays.
+STATIC_KEYS = ("n_spinup", "grid_padded")
+_GRID_FIELDS = ("climate_cell", "lapse_offset", "outlines", "fields")  # (..., H, W), padded with 0
+
+
+def pad_host_grid(h: dict, height: int, width: int) -> dict:
+    """The grid of :func:`host_arrays`-style ``h`` padded at the bottom/right to (height, width)
+    with inert cells (0 everywhere; stakes keep their cells). ``grid_size`` keeps the glacier's
+    own size; ``loss_cells`` are re-indexed into the padded grid (padding value height·width)."""
+    old_h, old_w = h["climate_cell"].shape
+    if (height, width) == (old_h, old_w):
+        return h
+    if height < old_h or width < old_w:
+        raise ValueError(f"cannot pad a {old_h}×{old_w} grid to {height}×{width}")
+    h = dict(h)
+    for name in _GRID_FIELDS:
+        h[name] = _pad_axis(_pad_axis(h[name], -2, height), -1, width)
+    cells = h["loss_cells"]
+    real = cells < old_h * old_w
+    h["loss_cells"] = np.where(real, (cells // old_w) * width + cells % old_w, height * width).astype(np.int32)
+    return h
+
+
+def pad_host_stakes(h: dict, n: int) -> dict:
+    """Stakes padded to ``n`` as :func:`host_arrays` pads them (zero weight, index code)."""
+    h = dict(h)
+    fills = dict(stake_year=0, stake_code=INDEX_CODE, stake_row=0, stake_col=0, stake_balance=0.0,
+                 stake_weight=0.0)
+    for name, fill in fills.items():
+        h[name] = _pad(h[name], n, fill)
+    return h
+
+
+def stack_host_arrays(hs: list[dict], grid: tuple[int, int] | None = None, stakes: int | None = None,
+                      loss_cells: int | None = None) -> dict:
+    """Glaciers of one bucket (:func:`host_arrays` dicts of one layout, equal Y, D, C, L and
+    spin-up) stacked along a new leading axis, after padding each one's grid (or "cells" row),
+    stakes and loss cells to ``grid``, ``stakes`` and ``loss_cells`` (default: the largest of
+    the batch); ``n_spinup`` stays a plain int."""
+    height, width = grid or (max(h["climate_cell"].shape[0] for h in hs),
+                             max(h["climate_cell"].shape[1] for h in hs))
+    stakes = stakes or max(len(h["stake_year"]) for h in hs)
+    hs = [pad_host_stakes(pad_host_grid(h, height, width), stakes) for h in hs]
+    loss_cells = loss_cells or max(len(h["loss_cells"]) for h in hs)
+    for h in hs:
+        h["loss_cells"] = _pad(h["loss_cells"], loss_cells, height * width)
+    spinups = {h["n_spinup"] for h in hs}
+    if len(spinups) != 1:
+        raise ValueError(f"glaciers of one batch must share their spin-up years; got {sorted(spinups)}")
+    out = {}
+    for name in hs[0]:
+        if name in STATIC_KEYS:
+            continue
+        shapes = {h[name].shape for h in hs}
+        if len(shapes) != 1:
+            raise ValueError(f"glaciers of one batch differ in the shape of {name}: {sorted(shapes)}")
+        out[name] = np.stack([h[name] for h in hs])
+    out["n_spinup"] = spinups.pop()
+    if any(h.get("grid_padded", False) for h in hs):
+        out["grid_padded"] = True
+    return out
+
+
 def pack_host_cells(h: dict, keep: np.ndarray | None = None) -> dict:
     """The "cells" layout: the grid becomes a (1, N) row of the kept cells (default: glacier in
     any year or holding a stake), N rounded up with :func:`cell_bucket`."""
@@ -240,21 +336,53 @@ def make_arrays(tensors, facies: bool = False, *, layout: str = "exact", device=
     """``GlacierTensors`` → ``GlacierArrays``. ``facies`` selects model D's inputs (the facies maps
     where they exist); otherwise the nine facies bands hold the −1 placeholder (model C).
 
-    ``layout`` is "exact" (default: the glacier's own shapes), "padded" or "cells" (training
-    layouts that share compiled functions between glaciers; see :data:`LAYOUTS`). ``device``
+    ``layout`` is "exact" (default: the glacier's own shapes), "padded", "padded_grid" or "cells"
+    (training layouts that share compiled functions between glaciers; see :data:`LAYOUTS`). ``device``
     places the arrays on that device (default: JAX's default device). ``keep`` (H, W) bool
     overrides the cells kept by the "cells" layout (e.g. every cell, for inference).
     """
+    return to_device(layout_host_arrays(tensors, facies, layout, keep), device)
+
+
+def layout_host_arrays(tensors, facies: bool = False, layout: str = "exact", keep=None) -> dict:
+    """:func:`host_arrays` in ``layout`` (numpy; what :func:`make_arrays` puts on a device)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     h = host_arrays(tensors, facies)
     if layout != "exact":
         h = pad_host_arrays(h)
+    if layout == "padded_grid":
+        # A traced grid size cannot be checked by the corrector: check the real one here.
+        check_grid(*h["climate_cell"].shape)
+        h = pad_host_grid(h, *grid_bucket(*h["climate_cell"].shape))
+        h["grid_padded"] = True
     if layout == "cells":
         h = pack_host_cells(h, keep)
-    n_spinup = h.pop("n_spinup")
+    return h
+
+
+def to_device(h: dict, device=None) -> GlacierArrays:
+    """:class:`GlacierArrays` from a host dict (one glacier, or a batch from
+    :func:`stack_host_arrays`) on ``device`` (None: JAX's default device)."""
+    h = dict(h)
+    static = {name: h.pop(name) for name in STATIC_KEYS if name in h}
     if device is not None:
         h = jax.device_put(h, device)
     else:
         h = {k: jnp.asarray(v) for k, v in h.items()}
-    return GlacierArrays(**h, n_spinup=n_spinup)
+    return GlacierArrays(**h, **static)
+
+
+class GlacierBatch(eqx.Module):
+    """Glaciers of one bucket as one :class:`GlacierArrays` whose every array has a leading
+    glacier axis B (the engine runs it under ``jax.vmap``, ``core.loss.batch_loss``)."""
+
+    arrays: GlacierArrays
+
+    @property
+    def size(self) -> int:
+        return self.arrays.day_index.shape[0]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.arrays.climate_cell.shape[1:]

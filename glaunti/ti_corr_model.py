@@ -11,6 +11,7 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from glaunti.corrector import Corrector, check_grid
@@ -30,6 +31,10 @@ SMB_SCALE = 10.0
 DELTA_T = 0.5  # °C added to the temperature (the whole input, not only inside T⁺)
 PRECIP_FACTOR = 1.05
 N_GIVEN_FIELDS = 12  # outlines, elevation, elevation std, 9 facies bands
+# Name of the computed channels among a year's residuals: the engine's year rematerialisation
+# (``GlaUnTI.year_remat_policy``) keeps them, so that a backward pass does not rerun their three
+# whole-grid TI runs.
+CHANNELS_NAME = "glaunti_computed_channels"
 # Weights of the corrector's regulariser: magnitude, spatial variance, d2 − d3 coupling.
 CORRECTION_WEIGHTS = (5.0, 20.0, 5.0)
 
@@ -60,7 +65,46 @@ def computed_channels(ti: TIModel, swe, scan) -> Float[Array, "3 H W"]:
     _, acc, _ = scan(sensitivity_step(params), jnp.broadcast_to(swe, (3,) + swe.shape))
     smb = acc[0] + acc[1]
     smb0 = smb[0]
-    return jax.lax.stop_gradient(jnp.stack([smb0 / SMB_SCALE, smb[1] - smb0, smb[2] - smb0]))
+    channels = jnp.stack([smb0 / SMB_SCALE, smb[1] - smb0, smb[2] - smb0])
+    return checkpoint_name(jax.lax.stop_gradient(channels), CHANNELS_NAME)
+
+
+def corrected_run(base, corrections, swe, arrays, k, days, *, series=False, custom_vjp=False):
+    """The TI run of year k's ``days`` (L,) bool with per-cell ``corrections`` (5, H, W) from
+    ``swe`` (H, W): (swe, (2, H, W) per-period sums, (L, H, W) daily SMB or None).
+
+    With ``custom_vjp`` (a reverse-mode training loss) only the cells of ``arrays.loss_cells``
+    carry a gradient: the whole grid runs under ``stop_gradient`` (its SWE starts the next
+    year's computed channels; the backward pass does not revisit it), and those cells run again,
+    differentiably, as a (1, K) row whose values replace theirs. Every value is the same as one
+    run of the grid: a cell's run reads only its own corrections, SWE and forcing. The other
+    cells cannot affect the loss (off-glacier in every year, no stake), so their cotangents
+    were zero.
+    """
+    no_flag = jnp.zeros_like(days)
+
+    def run(corrections, swe, cell_arrays, shape, custom_vjp):
+        params, shift = apply_corrections(base, corrections)
+        step = ti_step(params, shift, custom_vjp)
+        return scan_block(step, swe, cell_arrays, k, days, no_flag, series, shape)
+
+    if not custom_vjp:
+        return run(corrections, swe, arrays, arrays.shape, False)
+    grid = run(jax.lax.stop_gradient(corrections), jax.lax.stop_gradient(swe), arrays, arrays.shape, False)
+    cells = arrays.loss_cells
+    n_cells = arrays.shape[0] * arrays.shape[1]
+
+    def gather(a):  # (..., H, W) -> (..., 1, K); padding (index H·W) reads the last cell
+        return jnp.take(a.reshape(a.shape[:-2] + (1, n_cells)), cells, axis=-1, mode="clip")
+
+    def scatter(into, values):  # values (..., 1, K) into the cells of (..., H, W); padding dropped
+        flat = into.reshape(into.shape[:-2] + (n_cells,))
+        return flat.at[..., cells].set(values[..., 0, :], mode="drop").reshape(into.shape)
+
+    row = eqx.tree_at(lambda a: (a.climate_cell, a.lapse_offset), arrays,
+                      (gather(arrays.climate_cell), gather(arrays.lapse_offset)))
+    on_cells = run(gather(corrections), gather(swe), row, (1, cells.shape[0]), True)
+    return jax.tree_util.tree_map(scatter, grid, on_cells)
 
 
 def correction_penalty(corrections, outlines, study):
@@ -93,6 +137,13 @@ class GlaUnTI(eqx.Module):
     kind: ClassVar[str] = "C/D"
     cell_independent: ClassVar[bool] = False  # the corrector sees the whole grid
     state_cell_axis: ClassVar[int | None] = None
+    # What a year keeps for its backward pass (``glaunti.glacier.walk_years``): the computed
+    # channels, which cost three whole-grid TI runs and carry no gradient; the rest of the
+    # year (corrector, corrected run on the loss cells) is recomputed.
+    year_remat_policy: ClassVar = jax.checkpoint_policies.save_only_these_names(CHANNELS_NAME)
+    # The corrector masks cells beyond ``arrays.grid_size``: glaciers of different sizes can
+    # share one padded grid, hence one compiled function (``glaunti.layouts`` "padded_grid").
+    pads_grid: ClassVar[bool] = True
 
     def __init__(self, ti: TIModel, corrector: Corrector | None = None,
                  key: PRNGKeyArray | None = None):
@@ -191,7 +242,8 @@ class GlaUnTI(eqx.Module):
 
         channels = computed_channels(self.ti, swe, scan)
         inputs = jnp.concatenate([channels, arrays.fields[k]], axis=0)
-        return self.corrector(inputs, arrays.climate_monthly[k], arrays.n_months[k])
+        grid_size = arrays.grid_size if arrays.grid_padded else None
+        return self.corrector(inputs, arrays.climate_monthly[k], arrays.n_months[k], grid_size=grid_size)
 
     def year_step(self, arrays, k, state, *, series=False, spinup=False, custom_vjp=False):
         """Balance year k of a glacier (``glaunti.glacier.year_step``) with its corrections.
@@ -202,12 +254,11 @@ class GlaUnTI(eqx.Module):
         annual-only year this is the same as one run.
         """
         valid = arrays.day_valid[k]
-        no_flag = jnp.zeros_like(valid)
         base = jax.lax.stop_gradient(self.ti).constrained()  # the TI parameters are frozen
 
         def run(corrections, swe, days):
-            params, shift = apply_corrections(base, corrections)
-            return scan_block(ti_step(params, shift, custom_vjp), swe, arrays, k, days, no_flag, series)
+            return corrected_run(base, corrections, swe, arrays, k, days, series=series,
+                                 custom_vjp=custom_vjp)
 
         if not spinup:
             corrections = self.corrections_at(arrays, k, state)

@@ -29,3 +29,8 @@ def test_benchmark_runs_and_writes_json(tiny_twin, tmp_path):
                 "peak_host_rss_mb", "floor_s", "epoch_over_floor", "bandwidth_bytes_per_s"):
         assert result[key] > 0, key
     assert len(result["epochs_s"]) == 2
+    # Batching: one glacier here, so the sequential day steps are the glacier's (training and
+    # validation: one batch each, one compiled shape bucket each at most).
+    assert result["glacier_day_steps"] >= result["sequential_day_steps"] > 0
+    assert 1 <= result["compiled_shapes"] <= result["compiled_programs"] <= 2
+    assert [len(b) for b in result["batches"]["train"]] == [1]

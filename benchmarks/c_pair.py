@@ -1,0 +1,239 @@
+"""Model C on a real glacier pair: steady and first epoch, compile time, and where a year's time goes.
+
+    python benchmarks/c_pair.py --data_folder DATA --epochs 3 [--profile] [--json out.json]
+
+DATA holds one training glacier (fold 2) and one validation glacier (fold 1) in the published
+layout, e.g. prepared with ``prepare_glacier.py`` from ``examples/hintereisferner/sources``:
+Hintereisferner (``--outline_id RGI50-11.00897 --glacier_wide mbdata_WGMS-00491.csv --profile
+profile_WGMS-00491.csv --fold 2``, 49×70) and Kesselwandferner (``--outline_id RGI50-11.00787
+--margin_m 1000 --fold 1``, 51×51; its observations only matter for the loss value, not the time).
+
+C starts from the published A (``params/published/a.eqx``, fresh corrector) and is trained as
+``train_c.py`` does: an epoch is the forward+gradient pass over the training glaciers, the Adam
+step and the forward pass over the validation glaciers (``core.training``). Figures: the
+validation pass before training (compiles the forward), the first epoch (compiles the gradient),
+the median steady epoch, and the seconds XLA spent compiling. ``--profile`` times the pieces of
+one study year of the training glacier, each compiled alone: the three channel runs, the
+corrector, the corrected run, the year's forward, its forward+gradient, and its
+forward+gradient rematerialised as in the year walk.
+
+The persistent compilation cache is off unless ``--cache``: compile times are real. A model's
+``year_remat_policy`` (what a year keeps for its backward pass) is applied to the year walk here
+if the engine does not read it yet (``_year_policy_shim``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import resource
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def _parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_folder", required=True, help="Folder with the prepared glacier pair")
+    p.add_argument("--epochs", type=int, default=3, help="Steady epochs after the first (default 3)")
+    p.add_argument("--cpu_devices", type=int, default=None,
+                   help="Expose N CPU devices (default: one per core, at most 8)")
+    p.add_argument("--cache", action="store_true", help="Use the persistent compilation cache")
+    p.add_argument("--profile", action="store_true", help="Time the pieces of one study year")
+    p.add_argument("--repeats", type=int, default=5, help="Best of N for --profile (default 5)")
+    p.add_argument("--json", default=None, help="Write the figures here")
+    return p.parse_args(argv)
+
+
+def _year_policy_shim(model) -> bool:
+    """Make ``glaunti.glacier``'s checkpoints use ``model.year_remat_policy`` when the engine does
+    not read it itself; True if the shim was installed. A policy naming only the year's saved
+    values keeps nothing in the per-day checkpoints, so those are unchanged."""
+    import types
+
+    import jax
+
+    from glaunti import glacier
+
+    policy = getattr(model, "year_remat_policy", None)
+    if policy is None or "year_remat_policy" in inspect.getsource(glacier):
+        return False
+    shim = types.SimpleNamespace(**{n: getattr(jax, n) for n in dir(jax) if not n.startswith("__")})
+    shim.checkpoint = lambda fun, **kw: jax.checkpoint(fun, policy=policy, **kw)
+    glacier.jax = shim
+    return True
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _best(fn, repeats: int) -> tuple[float, float]:
+    """(first call incl. compile, best of ``repeats`` later calls), seconds of wall time."""
+    import jax
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - t0
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - t0)
+    return first, best
+
+
+def profile_year(model, arrays, repeats: int) -> dict:
+    """Seconds (best of ``repeats``) of the pieces of one study year of ``arrays`` (exact layout),
+    each jitted alone, from the SWE that the spin-up leaves."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    from glaunti.glacier import published_precision, scan_block, walk_years, year_step
+    from glaunti.ti_corr_model import computed_channels
+    from glaunti.ti_model import apply_corrections, ti_step
+
+    k = arrays.n_spinup  # the first study year
+    swe, *_ = jax.jit(lambda a: walk_years(model, a, model.initial_state(a.shape), 0, k - 1))(arrays)
+    valid = arrays.day_valid[k]
+    no_flag = jnp.zeros_like(valid)
+    mask = arrays.outlines[k]
+
+    def block(step, state):
+        return scan_block(step, state, arrays, k, valid, no_flag, False, state.shape)
+
+    @jax.jit
+    def channels(swe):
+        with published_precision():
+            return computed_channels(model.ti, swe, block)
+
+    chan = channels(swe)
+
+    @jax.jit
+    def corrector(corr, chan):
+        with published_precision():
+            return corr(jnp.concatenate([chan, arrays.fields[k]]), arrays.climate_monthly[k],
+                        arrays.n_months[k])
+
+    corrections = corrector(model.corrector, chan)
+    base = jax.lax.stop_gradient(model.ti).constrained()
+
+    @jax.jit
+    def corrected(corrections, swe):
+        params, shift = apply_corrections(base, corrections)
+        return block(ti_step(params, shift, True), swe)[:2]
+
+    trainable, static = eqx.partition(model, model.trainable_filter())
+
+    def year_loss(trainable, swe):
+        m = eqx.combine(trainable, static)
+        state, acc, corr, _ = year_step(m, arrays, k, swe, custom_vjp=True)
+        return jnp.sum((acc[0] + acc[1]) * mask) + jnp.sum(corr**2 * mask) + jnp.sum(state * mask)
+
+    forward = jax.jit(year_loss)
+    gradient = jax.jit(jax.value_and_grad(year_loss, argnums=(0, 1)))
+    # As in the year walk: the year rematerialised (keeping what the model's policy names).
+    remat = jax.checkpoint(year_loss, policy=getattr(model, "year_remat_policy", None))
+    remat_gradient = jax.jit(jax.value_and_grad(remat, argnums=(0, 1)))
+    pieces = {
+        "channels_3_runs": lambda: channels(swe),
+        "corrector": lambda: corrector(model.corrector, chan),
+        "corrected_run": lambda: corrected(corrections, swe),
+        "year_forward": lambda: forward(trainable, swe),
+        "year_forward_gradient": lambda: gradient(trainable, swe),
+        "year_forward_gradient_remat": lambda: remat_gradient(trainable, swe),
+    }
+    return {name: _best(fn, repeats)[1] for name, fn in pieces.items()}
+
+
+def main(argv=None) -> dict:
+    args = _parse(argv)
+    from core import distributed
+
+    distributed.setup(cpu_devices=args.cpu_devices, compilation_cache=args.cache)
+    import equinox as eqx
+    import jax
+
+    events = defaultdict(float)
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **kw: events.__setitem__(name, events[name] + secs))
+
+    from core.data import GlacierSet
+    from core.models import initial_model, published_params_path, trainable_filter
+    from core.training import epoch_gradient, evaluate_glaciers, make_loss_and_grad, make_optimiser
+    from dataloader import Dataset
+    from glaunti.glacier import layout_for, make_arrays
+
+    dataset = Dataset(Path(args.data_folder))
+    model = initial_model("c", start_path=published_params_path("a"))
+    shimmed = _year_policy_shim(model)
+    trainable, static = eqx.partition(model, trainable_filter(model))
+    layout = layout_for(model)
+    train_set = GlacierSet(dataset, dataset.train_names, False, layout=layout)
+    val_set = GlacierSet(dataset, dataset.val_names, False, layout=layout)
+    value_and_grad, value = make_loss_and_grad()
+    optimiser = make_optimiser(1e-3)
+    opt_state = optimiser.init(trainable)
+    compile_key = "/jax/core/compile/backend_compile_duration"
+
+    def validate(trainable):
+        results, _ = evaluate_glaciers(value, trainable, static, val_set, False)
+        return [r.terms["data_loss"] for r in results]
+
+    t0 = time.perf_counter()
+    val_losses = [validate(trainable)]
+    initial_validation = time.perf_counter() - t0
+    walls, cpus, train_losses = [], [], []
+    for _ in range(args.epochs + 1):
+        c0, t0 = _cpu_seconds(), time.perf_counter()
+        grads, results = epoch_gradient(value_and_grad, trainable, static, train_set)
+        updates, opt_state = optimiser.update(grads, opt_state, trainable)
+        trainable = eqx.apply_updates(trainable, updates)
+        val_losses.append(validate(trainable))
+        walls.append(time.perf_counter() - t0)
+        cpus.append(_cpu_seconds() - c0)
+        train_losses.append([r.loss for r in results])
+    steady = walls[1:] or walls
+    out = {
+        "train": {n: list(make_arrays(dataset.glacier(n)).shape) for n in dataset.train_names},
+        "validation": {n: list(make_arrays(dataset.glacier(n)).shape) for n in dataset.val_names},
+        "devices": len(jax.devices()), "year_policy_shim": shimmed,
+        "initial_validation_s": initial_validation, "first_epoch_s": walls[0],
+        "steady_epoch_s": statistics.median(steady), "steady_epoch_cpu_s": statistics.median(cpus[1:] or cpus),
+        "epochs_s": walls, "compile_s": events.get(compile_key, 0.0),
+        "train_losses": train_losses, "val_losses": val_losses,
+    }
+    if args.profile:
+        name = dataset.train_names[0]
+        out["profile_glacier"] = name
+        out["profile_year_s"] = profile_year(eqx.combine(trainable, static),
+                                             make_arrays(dataset.glacier(name)), args.repeats)
+
+    print(f"train {out['train']}  validation {out['validation']}  devices {out['devices']}  "
+          f"year policy shim {shimmed}")
+    print(f"initial validation {initial_validation:.2f} s   first epoch {walls[0]:.2f} s   "
+          f"steady epoch {out['steady_epoch_s']:.2f} s (CPU {out['steady_epoch_cpu_s']:.2f} s)   "
+          f"XLA compile {out['compile_s']:.1f} s")
+    print("epochs (s):", " ".join(f"{w:.2f}" for w in walls))
+    print("training losses:", train_losses)
+    if args.profile:
+        print(f"one study year of {out['profile_glacier']} (best of {args.repeats}, s):")
+        for piece, seconds in out["profile_year_s"].items():
+            print(f"  {piece:24s} {seconds:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
