@@ -64,18 +64,22 @@ def season_window(tensors, k: int, season: str) -> tuple[int, int] | None:
     return (begin, mid) if season == "winter" else (mid, end)
 
 
-def evaluate(tensors, daily_smb: np.ndarray, first_day: int) -> dict:
+def evaluate(tensors, daily_smb: np.ndarray, first_day: int, years: tuple[int, int] | None = None) -> dict:
     """Evaluation JSON (published structure) of one glacier.
 
     Args:
         tensors: the glacier's ``GlacierTensors``.
         daily_smb: (T, H, W) daily SMB (m w.e./day) of consecutive days, overlaps summed.
         first_day: climate-day index of ``daily_smb[0]``.
+        years: (first, last) balance years to score, inclusive; None scores every study year.
+            The model still ran through the other years (their state carries over): this only
+            selects the observations, e.g. the later years a locally calibrated model has not seen.
     """
-    study = [k for k in range(len(tensors.years)) if tensors.study[k]]
-    years = [int(tensors.years[k]) for k in study]
+    first, last = years if years is not None else (-np.inf, np.inf)
+    study = [k for k in range(len(tensors.years)) if tensors.study[k] and first <= tensors.years[k] <= last]
+    scored = [int(tensors.years[k]) for k in study]
     last_day = first_day + daily_smb.shape[0] - 1
-    pairs = {"point": _empty_pairs(years), "glacier-wide": _empty_pairs(years)}
+    pairs = {"point": _empty_pairs(scored), "glacier-wide": _empty_pairs(scored)}
 
     for k in study:
         year = int(tensors.years[k])

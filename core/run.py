@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
+import constants
 from core import distributed
 from core.data import GlacierSet, with_study_years
 from core.evaluation import evaluate
-from core.inference import iter_daily_smb, write_netcdf
+from core.inference import SMB_VARIABLE, iter_daily_smb, write_netcdf
 from core.io import atomic_write_json, check_output_paths
 from core.models import (
     DEFAULT_SEED,
@@ -28,9 +29,12 @@ from glaunti.params import load_params
 
 def calibrate(model_name: str, data_folder=None, epochs=None, learning_rate=1e-3,
               params_path=None, log_path=None, seed=DEFAULT_SEED, resume=False, init_params_path=None,
-              show_progress=True):
+              show_progress=True, test_fold=constants.test_fold, val_fold=constants.val_fold):
     """Train model ``model_name`` on the training folds (``epochs`` default: the published
     schedule, ``core.models.EPOCHS``); returns (best model, final state).
+
+    ``val_fold`` picks the best epoch, ``test_fold`` is held out, every other fold trains
+    (defaults: the published split; ``core.crossvalidation`` rotates them).
 
     Everything that can be checked cheaply is checked before the first compilation: the output
     paths, the starting parameters and every training and validation glacier (read once into
@@ -50,7 +54,8 @@ def calibrate(model_name: str, data_folder=None, epochs=None, learning_rate=1e-3
                                     f"model {base.upper()}; run train_{base}.py first (or pass its "
                                     "params file)")
         load_params(base, start)
-    _check_glaciers(dataset, dataset.val_names, dataset.train_names)
+    split = dataset.split(test_fold, val_fold)
+    _check_glaciers(dataset, split.val, split.train, f"(test fold {test_fold}, validation fold {val_fold})")
     model = initial_model(model_name, seed=seed, start_path=init_params_path)
     facies = uses_facies(model_name)
     config = TrainConfig(
@@ -59,14 +64,17 @@ def calibrate(model_name: str, data_folder=None, epochs=None, learning_rate=1e-3
     )
     # Training layouts: glaciers share compiled functions (glaunti.layouts.LAYOUTS).
     layout = layout_for(model)
-    train_set = GlacierSet(dataset, dataset.train_names, facies, layout=layout)
-    val_set = GlacierSet(dataset, dataset.val_names, facies, layout=layout)
+    train_set = GlacierSet(dataset, split.train, facies, layout=layout)
+    val_set = GlacierSet(dataset, split.val, facies, layout=layout)
     return train(model, train_set, val_set, config)
 
 
 def infer_and_evaluate(model_name: str, glacier: str, smb_path, eval_path, params_path=None,
-                       data_folder=None, model=None):
-    """Daily SMB NetCDF + evaluation JSON of one glacier; returns the evaluation dict."""
+                       data_folder=None, model=None, years=None):
+    """Daily SMB NetCDF + evaluation JSON of one glacier; returns the evaluation dict.
+
+    The SMB covers every study year; ``years`` = (first, last) scores only those balance years
+    (``core.evaluation.evaluate``), None all of them."""
     check_output_paths(smb_path=smb_path, eval_path=eval_path)
     distributed.setup()
     dataset = Dataset(resolve_data_folder(data_folder))
@@ -76,15 +84,22 @@ def infer_and_evaluate(model_name: str, glacier: str, smb_path, eval_path, param
         model = load_model(model_name, params_path)
     tensors = dataset.glacier(glacier)
     arrays = make_arrays(tensors, facies=uses_facies(model_name))
-    first_day, n_days = write_netcdf(smb_path, tensors, iter_daily_smb(model, arrays, tensors), model_name)
+    write_netcdf(smb_path, tensors, iter_daily_smb(model, arrays, tensors), model_name)
+    result = evaluate_smb_file(tensors, smb_path, years)
+    atomic_write_json(eval_path, result)
+    return result
+
+
+def evaluate_smb_file(tensors, smb_path, years=None) -> dict:
+    """The evaluation dict of a daily SMB NetCDF written by :func:`infer_and_evaluate`, scoring
+    the balance years ``years`` = (first, last) or, with None, every study year. The file is
+    read window by window, never whole."""
     import netCDF4
 
     with netCDF4.Dataset(smb_path) as nc:
         nc.set_auto_mask(False)
-        daily = nc.variables["smb"]
-        result = evaluate(tensors, _Lazy(daily), first_day)
-    atomic_write_json(eval_path, result)
-    return result
+        first_day = int(nc.variables["time"][0])
+        return evaluate(tensors, _Lazy(nc.variables[SMB_VARIABLE]), first_day, years)
 
 
 def resolve_params_path(model_name: str, params_path=None) -> Path:
@@ -96,13 +111,13 @@ def resolve_params_path(model_name: str, params_path=None) -> Path:
     return trained if trained.is_file() else published_params_path(model_name)
 
 
-def _check_glaciers(dataset: Dataset, val_names, train_names) -> None:
+def _check_glaciers(dataset: Dataset, val_names, train_names, split: str) -> None:
     """Read every glacier of both sets once (filling the tensor cache, so later epochs only
     memory-map it): a bad file fails now, with its message, before any compilation."""
     for label, names in (("validation", val_names), ("training", train_names)):
         if not names:
             raise DataError(dataset.index_path, "column 'fold'",
-                            f"gives no {label} glacier, expected at least one")
+                            f"gives no {label} glacier {split}, expected at least one")
     for tensors in dataset.iter_glaciers([*val_names, *train_names]):
         del tensors
 
@@ -117,10 +132,17 @@ class _Lazy:
         return np.asarray(self.var[key], dtype=np.float32)
 
 
+# The published fine-tuning schedule (docs/model.md §7).
+FINETUNE_EPOCHS = 250
+FINETUNE_LEARNING_RATE = 1e-2
+FINETUNE_TRAIN_YEARS = (1995, 2012)
+FINETUNE_VAL_YEARS = (2013, 2018)
+
+
 def finetune(glacier: str, data_folder=None, init_params_path="params/a.eqx",
-             final_params_path=None, log_path=None, epochs=250, learning_rate=1e-2,
-             train_years=(1995, 2012), val_years=(2013, 2018), resume=False, show_progress=True,
-             validation="carried"):
+             final_params_path=None, log_path=None, epochs=FINETUNE_EPOCHS,
+             learning_rate=FINETUNE_LEARNING_RATE, train_years=FINETUNE_TRAIN_YEARS,
+             val_years=FINETUNE_VAL_YEARS, resume=False, show_progress=True, validation="carried"):
     """Per-glacier transfer learning of model A (docs/model.md §7): train on ``train_years``, keep the
     epoch that is best on ``val_years``.
 

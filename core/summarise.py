@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+import numpy as np
 
 from core.evaluation import SCALES, SEASONS, pool
 
@@ -38,6 +41,66 @@ def summarise(folders) -> dict:
         evaluations = load_evaluations(folder)
         out[str(folder)] = {"glaciers": len(evaluations), **pool(evaluations)}
     return out
+
+
+def pool_folders(folders) -> dict:
+    """``{"glaciers": n, scale: {season: metrics}}`` of every evaluation of several folders
+    pooled together (one model's test glaciers of every fold)."""
+    evaluations = [ev for folder in folders for ev in load_evaluations(folder)]
+    return {"glaciers": len(evaluations), **pool(evaluations)}
+
+
+# The metrics whose spread across folds is reported.
+SPREAD_METRICS = ("pearson_r", "rmse", "bias")
+
+
+def mean_std(values) -> dict:
+    """``{"folds", "mean", "std"}`` of the values that exist (None: a metric with n < 2); the
+    standard deviation is the sample one (ddof 1), None below two values."""
+    kept = [float(v) for v in values if v is not None and math.isfinite(v)]
+    return {
+        "folds": len(kept),
+        "mean": float(np.mean(kept)) if kept else None,
+        "std": float(np.std(kept, ddof=1)) if len(kept) > 1 else None,
+    }
+
+
+def spread(summaries: list[dict]) -> dict:
+    """Mean ± standard deviation across folds: ``summaries`` are one model's per-fold pooled
+    summaries (:func:`pool_folders`); returns ``{scale: {season: {metric: mean_std}}}``."""
+    return {
+        scale: {
+            season: {key: mean_std([s[scale][season].get(key) for s in summaries]) for key in SPREAD_METRICS}
+            for season in SEASONS
+        }
+        for scale in SCALES
+    }
+
+
+def format_spread_table(spreads: dict) -> str:
+    """One row per model, scale and season: the number of folds and r, RMSE and bias as mean ±
+    standard deviation across folds (``spreads``: label → :func:`spread`)."""
+    def cell(stat, spec):
+        if stat["mean"] is None:
+            return "–"
+        sd = "–" if stat["std"] is None else format(stat["std"], ".3f")
+        return f"{format(stat['mean'], spec)} ± {sd}"
+
+    width = max([len(str(name)) for name in spreads] + [10])
+    head = (f"{'model':<{width}}  {'scale':<12} {'season':<7} {'folds':>5}  {'r':>15}  {'RMSE':>15}  "
+            f"{'bias':>16}")
+    lines = [head, "-" * len(head)]
+    for name, res in spreads.items():
+        for scale in SCALES:
+            for season in SEASONS:
+                stats = res[scale][season]
+                lines.append(
+                    f"{name:<{width}}  {scale:<12} {season:<7} {stats['rmse']['folds']:>5}  "
+                    f"{cell(stats['pearson_r'], '.3f'):>15}  {cell(stats['rmse'], '.3f'):>15}  "
+                    f"{cell(stats['bias'], '+.3f'):>16}")
+    lines.append("mean ± sample standard deviation across folds of each fold's pooled metric; "
+                 "RMSE and bias in m w.e.")
+    return "\n".join(lines)
 
 
 def format_table(summary: dict) -> str:

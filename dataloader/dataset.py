@@ -10,6 +10,7 @@ import queue
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 
@@ -110,6 +111,14 @@ def read_normalisation(path: Path) -> dict[str, float]:
     return {str(k): float(v) for k, v in factors.items()}
 
 
+class FoldSplit(NamedTuple):
+    """Glacier names of one split of the folds, each list in index.csv order."""
+
+    train: list[str]
+    val: list[str]
+    test: list[str]
+
+
 class Dataset:
     """A GlaUnTI dataset folder (docs/data_format.md).
 
@@ -143,16 +152,32 @@ class Dataset:
         return {name: info.fold for name, info in self._info.items()}
 
     @property
+    def fold_ids(self) -> list[int]:
+        """The distinct folds of index.csv, ascending."""
+        return sorted(set(self.folds.values()))
+
+    def split(self, test_fold: int = constants.test_fold, val_fold: int = constants.val_fold) -> FoldSplit:
+        """Training, validation and test glaciers (index.csv order) when fold ``test_fold`` is
+        held out for testing and ``val_fold`` picks the best epoch; every other fold trains.
+        The defaults are the published split (``constants.test_fold``, ``constants.val_fold``)."""
+        if test_fold == val_fold:
+            raise ValueError(f"test fold and validation fold are both {test_fold}, expected two folds")
+        folds = self.folds
+        return FoldSplit(train=[n for n, f in folds.items() if f not in (test_fold, val_fold)],
+                         val=[n for n, f in folds.items() if f == val_fold],
+                         test=[n for n, f in folds.items() if f == test_fold])
+
+    @property
     def test_names(self) -> list[str]:
-        return [n for n, f in self.folds.items() if f == constants.test_fold]
+        return self.split().test
 
     @property
     def val_names(self) -> list[str]:
-        return [n for n, f in self.folds.items() if f == constants.val_fold]
+        return self.split().val
 
     @property
     def train_names(self) -> list[str]:
-        return [n for n, f in self.folds.items() if f not in (constants.test_fold, constants.val_fold)]
+        return self.split().train
 
     def info(self, name: str) -> reader.GlacierInfo:
         """The index.csv row of a glacier."""

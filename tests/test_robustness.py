@@ -248,6 +248,7 @@ REVIEWED = {
     "core/demo.py",  # the figure: temporary file + replace
     "core/own_glacier.py",  # the figure: inside core.io.atomic_path
     "core/notebook.py",  # the notebooks' figures: inside core.io.atomic_path
+    "core/crossvalidation.py",  # the figure: inside core.io.atomic_path
     "dataloader/synthetic/generator.py",  # the twin: built in a temporary folder and renamed
     "dataloader/layout.py",  # (called by synthetic/generator.py and prepare/glacier.py on temporary folders)
     "dataloader/prepare/glacier.py",  # the glacier: built in a temporary folder and renamed
@@ -371,6 +372,9 @@ def test_non_finite_training_stops_and_keeps_params(small, tmp_path, monkeypatch
     train_names = _train_names(small)
     params, log = tmp_path / "a.eqx", tmp_path / "a.csv"
     seen = {}
+    # One glacier per batch, so that the poisoned call is one glacier's (a batch's gradient is
+    # the sum over its glaciers and could only name all of them).
+    monkeypatch.setenv("GLAUNTI_BATCH_BYTES", "1")
     _poison(monkeypatch, epoch, glacier, what, snapshot=params, seen=seen)
     code = train_a.main(["--data_folder", str(small), "--epochs", "4", "--learning_rate", "0.05", "--quiet",
                          "--params_path", str(params), "--log_path", str(log)])

@@ -474,6 +474,129 @@ def test_facies_follow_the_snow_line(tiny, index):
                     assert z[snow].mean() > z[ice].mean(), f"{row.name} {year}"
 
 
+# ---------------------------------------------------------- year-to-year reanalysis errors
+
+
+def test_year_errors_by_season_and_balance_year():
+    """Summer temperature errors belong to the calendar year of the summer, winter precipitation
+    errors to the balance year of the winter; both fade in and out without jumps."""
+    from dataloader.synthetic.climate import DAYS_PER_YEAR, YearErrors, daily_year_errors, decimal_year
+    from dataloader.synthetic.regions import REGIONS
+
+    dates = np.arange(np.datetime64("2000-01-01"), np.datetime64("2003-01-01"))
+    year = decimal_year(dates)
+    peak = REGIONS["ALP"].t_peak_day  # 24 July
+    cycle = np.cos(2 * np.pi * ((year - np.floor(year)) * DAYS_PER_YEAR - peak) / DAYS_PER_YEAR)
+    errors = YearErrors(np.array([2000, 2001, 2002]), np.array([1.0, 2.0, 3.0]),
+                        np.array([0.1, 0.2, 0.3]))
+    temperature, log_factor = daily_year_errors(errors, dates, cycle)
+    day = {d: int(np.flatnonzero(dates == np.datetime64(d))[0]) for d in
+           ("2001-01-22", "2001-04-01", "2001-07-24", "2001-12-15", "2002-07-24")}
+    assert cycle[day["2001-07-24"]] == pytest.approx(1.0, abs=1e-3)
+    assert temperature[day["2001-07-24"]] == pytest.approx(2.0) and log_factor[day["2001-07-24"]] == 0
+    assert temperature[day["2002-07-24"]] == pytest.approx(3.0)
+    assert temperature[day["2001-01-22"]] == 0 and log_factor[day["2001-01-22"]] == pytest.approx(0.2)
+    assert log_factor[day["2001-04-01"]] == pytest.approx(0.2)
+    assert log_factor[day["2001-12-15"]] == pytest.approx(0.3)  # the winter of balance year 2002
+    # Continuous: the weights ramp over about two months (at most 2 * 2pi/365 of the value a day).
+    assert np.abs(np.diff(temperature)).max() < 3.0 * 4 * np.pi / 365
+    assert np.abs(np.diff(log_factor)).max() < 0.3 * 4 * np.pi / 365
+
+
+def test_year_errors_are_in_the_files_only(demo_twins):
+    """The reanalysis of the files = the same reanalysis without year errors + those errors;
+    the truth's climate is the same either way."""
+    from dataloader.synthetic.climate import YEAR_P_SIGMA, block_climate, daily_year_errors
+    from dataloader.synthetic.regions import REGIONS
+
+    twin = demo_twins[0]
+    region = REGIONS[twin.spec.region]
+    weather = synthetic.regional_weathers([twin.spec], 0)[twin.spec.region]
+    g = twin.geometry
+    n = twin.climate.true_temperature.size
+    weather = type(weather)(*(getattr(weather, f)[:n] for f in weather.__dataclass_fields__))
+    args = (weather, region, region.areas[0], g.block_orography, 2500.0, 0.3, 1.1, 0.05, 1.02)
+    files = block_climate(*args, rng=np.random.default_rng(7), year_errors=twin.year_errors)
+    plain = block_climate(*args, rng=np.random.default_rng(7))
+    t_error, p_error = daily_year_errors(twin.year_errors, weather.dates, weather.cycle)
+    assert np.abs(t_error).max() > 1.0
+    np.testing.assert_allclose(files.temperature - plain.temperature,
+                               np.broadcast_to(t_error, plain.temperature.shape), atol=0.011)
+    wet = plain.precipitation > 1e-3
+    ratio = files.precipitation[wet] / plain.precipitation[wet]
+    # The log-normal factor is corrected by -sigma^2 w^2 / 2 to keep the mean (w: winter weight).
+    sigma2 = YEAR_P_SIGMA["region"] ** 2 + YEAR_P_SIGMA["glacier"] ** 2
+    winter = np.clip(1 - 2 * weather.cycle, 0, 1)
+    expected = np.broadcast_to(np.exp(p_error - 0.5 * sigma2 * winter**2), plain.precipitation.shape)
+    np.testing.assert_allclose(ratio, expected[wet], rtol=2e-3)  # both stored to 1e-6 m, >= 1e-3 m
+    assert np.array_equal(files.true_temperature, plain.true_temperature)
+    assert np.array_equal(files.true_precipitation, plain.true_precipitation)
+
+
+def test_year_errors_size_and_regional_share(demo_twins):
+    """Summer temperature errors of 0.6 degC and winter precipitation errors of 25 % (seed 0:
+    0.58 and 0.23 over the study years), partly shared within a region."""
+    years = np.arange(STUDY_START, 2009)
+    pick = lambda e, v: getattr(e, v)[np.isin(e.years, years)]  # noqa: E731
+    t = np.array([pick(tw.year_errors, "temperature") for tw in demo_twins])
+    p = np.array([pick(tw.year_errors, "precipitation") for tw in demo_twins])
+    assert t.std() == pytest.approx(0.58, abs=0.01) and p.std() == pytest.approx(0.23, abs=0.01)
+    assert abs(t.mean()) < 0.1 and abs(p.mean()) < 0.05
+    regions = [tw.spec.region for tw in demo_twins]
+    same = [np.corrcoef(t[i], t[j])[0, 1] for i in range(len(t)) for j in range(i)
+            if regions[i] == regions[j]]
+    other = [np.corrcoef(t[i], t[j])[0, 1] for i in range(len(t)) for j in range(i)
+             if regions[i] != regions[j]]
+    assert np.mean(same) > 0.15 > np.mean(other)
+
+
+def _truth_as_the_files_say(twin) -> np.ndarray:
+    """(Y, 3, H, W) balances of the truth run with the reanalysis's year errors added to its
+    climate: what a model that reads the files would get right at best."""
+    import dataclasses
+
+    from dataloader.synthetic.climate import daily_year_errors
+    from dataloader.synthetic.regions import REGIONS
+    from dataloader.synthetic.truth import run_truth
+
+    weather = synthetic.regional_weathers([twin.spec], 0)[twin.spec.region]
+    n = twin.climate.true_temperature.size
+    t_error, p_error = daily_year_errors(twin.year_errors, weather.dates[:n], weather.cycle[:n])
+    climate = dataclasses.replace(twin.climate,
+                                  true_temperature=twin.climate.true_temperature + t_error,
+                                  true_precipitation=twin.climate.true_precipitation * np.exp(p_error))
+    s, start = twin.seasons, synthetic.INTERNAL_START
+    windows = np.stack([(s.begin - start).astype(int), (s.mid - start).astype(int),
+                        (s.end - start).astype(int)], axis=1)
+    late = np.array([(np.datetime64(f"{y}-08-01") - start).astype(int) for y in twin.geometry.years])
+    return run_truth(climate, REGIONS[twin.spec.region].z_ref, twin.geometry, twin.params, windows,
+                     late, np.zeros(0, np.int64)).fields
+
+
+def test_maps_show_what_the_reanalysis_gets_wrong(demo_twins):
+    """The year errors change the glacier-wide balance the files imply by ~0.5 m w.e. a year,
+    warm summers making it too negative, while the facies maps follow the truth."""
+    shown = [tw for tw in demo_twins if tw.facies is not None][:2]
+    for twin in shown:
+        g, study = twin.geometry, twin.geometry.years >= STUDY_START
+        implied = _truth_as_the_files_say(twin)
+        years = np.flatnonzero(study)
+        error = np.array([(implied[k, 0] - twin.truth.fields[k, 0])[g.mask[k]].mean() for k in years])
+        t_error = twin.year_errors.temperature[np.isin(twin.year_errors.years, g.years[study])]
+        assert 0.35 < error.std() < 0.8, f"{twin.name}: {error.std():.2f}"
+        assert np.corrcoef(error, t_error)[0, 1] < -0.4, twin.name
+        # In map years the truth's snow (net gain this year) covers more of the glacier after a
+        # summer the reanalysis makes too warm than the files imply, and less after a too cold one.
+        for year, maps in zip(twin.facies_years, twin.facies):
+            k = int(np.flatnonzero(g.years == year)[0])
+            label = np.nanargmax(np.where(np.isnan(maps[:8]), -1, maps[:8]), axis=0)
+            snow_map = (label == 1)[g.mask[k]].mean()
+            gain = (implied[k, 0] > 0)[g.mask[k]].mean()
+            truth_gain = (twin.truth.fields[k, 0] > 0)[g.mask[k]].mean()
+            if abs(error[k - years[0]]) > 0.5:
+                assert abs(snow_map - truth_gain) < abs(snow_map - gain), f"{twin.name} {year}"
+
+
 # ------------------------------------------------------------------------ project loader
 
 

@@ -17,7 +17,8 @@ glacier (~0.4 GB for 100 x 150 cells over 1990-2024).
 Modules, from the world to the files:
 
     regions       every number that differs between the five glacier regions
-    climate       regional weather, coarse reanalysis cells, the true local climate
+    climate       regional weather, coarse reanalysis cells and their year-to-year errors,
+                  the true local climate
     geometry      terrain, outlines, retreat, lowering, roughness, debris, shading, stake cells
     truth         truth parameters and the daily temperature-index truth
     observations  season dates, glacier-wide balances, stake readings, facies maps

@@ -6,6 +6,11 @@ Markov-chain wet/dry days with gamma-distributed amounts), shared by every glaci
 and per glacier a handful of *coarse cells* ("blocks") that add their own orography, biases and a
 little noise. The blocks are later resampled by nearest neighbour onto the 100 m glacier grid, so
 the written climate is constant over blocks.
+
+The reanalysis is also wrong by a different amount every year (`YearErrors`): its summer is too
+warm or too cold and its winter too wet or too dry, by an amount shared by the region's glaciers
+plus one of each glacier. The truth does not see these errors, so that a year's end-of-summer
+snow line (the facies maps) shows what the files get wrong that year.
 """
 
 from __future__ import annotations
@@ -33,6 +38,14 @@ BLOCK_T_SIGMA = 0.1
 BLOCK_P_SIGMA = 0.03
 HIDDEN_T_SIGMA = 0.1
 HIDDEN_P_SIGMA = 0.03
+# Year-to-year errors of the reanalysis (docs/synthetic_twin.md, Climate, "Year-to-year
+# reanalysis errors"): summer temperature (degC) and winter precipitation (log-factor), one
+# value per balance year, shared by a region's glaciers ("region") plus one of each glacier
+# ("glacier"). Together 0.6 degC and 25 %: against the twin's interannual variability the
+# reanalysis's seasonal anomalies then correlate with the true ones at r ~0.86 (summer
+# temperature) and ~0.7 (winter precipitation), as a reanalysis's do with a glacier site's.
+YEAR_T_SIGMA = {"region": 0.35, "glacier": 0.5}
+YEAR_P_SIGMA = {"region": 0.15, "glacier": 0.2}
 
 
 def decimal_year(dates: np.ndarray) -> np.ndarray:
@@ -105,6 +118,59 @@ def regional_weather(region: Region, dates: np.ndarray, rng: np.random.Generator
 
 
 @dataclass(frozen=True)
+class YearErrors:
+    """Year-to-year errors of the reanalysis: per balance year (``years``) a summer temperature
+    error (degC) and a winter precipitation log-factor."""
+
+    years: np.ndarray        # (n,) int balance years
+    temperature: np.ndarray  # (n,) degC added to the reanalysis summer
+    precipitation: np.ndarray  # (n,) log-factor of the reanalysis winter precipitation
+
+    def __add__(self, other: YearErrors) -> YearErrors:
+        if not np.array_equal(self.years, other.years):
+            raise ValueError("year errors of different years cannot be added")
+        return YearErrors(self.years, self.temperature + other.temperature,
+                          self.precipitation + other.precipitation)
+
+
+def draw_year_errors(years: np.ndarray, level: str, rng: np.random.Generator) -> YearErrors:
+    """Independent errors of every balance year at ``level`` ('region' or 'glacier')."""
+    years = np.asarray(years)
+    return YearErrors(years, rng.normal(0.0, YEAR_T_SIGMA[level], years.size),
+                      rng.normal(0.0, YEAR_P_SIGMA[level], years.size))
+
+
+def daily_year_errors(errors: YearErrors, dates: np.ndarray, cycle: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(D,) temperature error (degC) and precipitation log-factor of each day of ``dates``.
+
+    ``cycle`` is the seasonal phase (+1 on the warmest day, ``RegionalWeather.cycle``). The
+    temperature error of balance year y is in full from late May to late September of y and
+    fades to 0 a month before and after; the precipitation error of y is in full from late
+    October (y - 1) to late April (y) and fades to 0 by late September and late May. Both
+    weights vanish where one year's error hands over to the next (midwinter for temperature,
+    midsummer for precipitation), so that the errors never jump from one day to the next.
+    """
+    calendar_year = dates.astype("datetime64[Y]").astype(np.int64) + 1970
+    month = dates.astype("datetime64[M]").astype(np.int64) % 12 + 1
+    summer = np.clip(2.0 * cycle, 0.0, 1.0)
+    winter = np.clip(1.0 - 2.0 * cycle, 0.0, 1.0)
+    # A winter belongs to the balance year of its January; from July on (winter weight 0 from
+    # late May to late September) the days start the next balance year's winter.
+    winter_year = calendar_year + (month >= 7)
+    first = int(errors.years[0])
+
+    def lookup(values: np.ndarray, year: np.ndarray) -> np.ndarray:
+        k = year - first
+        inside = (k >= 0) & (k < values.size)
+        return np.where(inside, values[np.clip(k, 0, values.size - 1)], 0.0)
+
+    temperature = summer * lookup(errors.temperature, calendar_year)
+    log_factor = winter * lookup(errors.precipitation, winter_year)
+    return temperature, log_factor
+
+
+@dataclass(frozen=True)
 class BlockClimate:
     """What the files hold (the reanalysis of the coarse cells) and what the glacier really
     experiences (smooth in space, used by the truth)."""
@@ -117,14 +183,16 @@ class BlockClimate:
 
 def block_climate(weather: RegionalWeather, region: Region, area: Area, orography: np.ndarray,
                   mean_orography: float, t_bias: float, p_factor: float, hidden_t_bias: float,
-                  hidden_p_factor: float, rng: np.random.Generator) -> BlockClimate:
+                  hidden_p_factor: float, rng: np.random.Generator,
+                  year_errors: YearErrors | None = None) -> BlockClimate:
     """Reanalysis climate of the coarse cells of one glacier, and the true local climate.
 
     ``orography`` (n_blocks,) is the height of each coarse cell. ``t_bias``/``p_factor`` are the
     glacier's departures from the regional climate that the reanalysis resolves;
     ``hidden_t_bias``/``hidden_p_factor`` are those it misses (no model can see them). The
     reanalysis adds per-cell biases and noise of its own; the true climate has none, so the
-    truth shows no steps at coarse-cell edges."""
+    truth shows no steps at coarse-cell edges. ``year_errors`` (regional + glacier) are the
+    reanalysis's errors of each balance year: in its files only, never in the truth."""
     n_blocks, n = orography.size, weather.dates.size
     amplitude = region.t_amplitude + area.amplitude_offset
     t_regional = region.t_mean + amplitude * weather.cycle + weather.t_anomaly + t_bias
@@ -132,15 +200,24 @@ def block_climate(weather: RegionalWeather, region: Region, area: Area, orograph
     block_bias = rng.normal(0.0, BLOCK_T_SIGMA, n_blocks)
     temperature = np.empty((n_blocks, n), dtype=np.float32)
     precipitation = np.empty((n_blocks, n), dtype=np.float32)
+    if year_errors is None:
+        t_error, p_error = np.zeros(n), np.zeros(n)
+    else:
+        t_error, p_error = daily_year_errors(year_errors, weather.dates, weather.cycle)
+        # The log-normal factor keeps the mean winter precipitation unchanged.
+        sigma = np.sqrt(YEAR_P_SIGMA["region"] ** 2 + YEAR_P_SIGMA["glacier"] ** 2)
+        p_error = p_error - 0.5 * (sigma * np.clip(1.0 - 2.0 * weather.cycle, 0.0, 1.0)) ** 2
+    t_reanalysis = t_regional + t_error
+    p_reanalysis = p_regional * np.exp(p_error)
     for b in range(n_blocks):
         # Neighbouring coarse cells see the same weather, up to a little local noise.
         local = ar1(rng, n, 0.6) * 0.3
-        temperature[b] = (t_regional + TRUE_LAPSE_RATE * (orography[b] - region.z_ref)
+        temperature[b] = (t_reanalysis + TRUE_LAPSE_RATE * (orography[b] - region.z_ref)
                           + block_bias[b] + local)
         # Precipitation rises with the height of the coarse cell; showers vary between cells.
         factor = np.exp(PRECIP_PER_METRE * (orography[b] - region.z_ref) + rng.normal(0.0, BLOCK_P_SIGMA))
         jitter = np.exp(rng.normal(0.0, 0.3, n) - 0.045)
-        precipitation[b] = p_regional * factor * jitter
+        precipitation[b] = p_reanalysis * factor * jitter
     true_precipitation = (p_regional * hidden_p_factor
                           * np.exp(PRECIP_PER_METRE * (mean_orography - region.z_ref)))
     # Stored precision of a reanalysis product: 0.01 degC, 0.001 mm.

@@ -16,7 +16,9 @@ from dataloader.synthetic.climate import (
     HIDDEN_T_SIGMA,
     BlockClimate,
     RegionalWeather,
+    YearErrors,
     block_climate,
+    draw_year_errors,
     regional_weather,
 )
 from dataloader.synthetic.geometry import Geometry, build_geometry, stake_cells
@@ -34,6 +36,9 @@ from dataloader.synthetic.truth import Truth, TruthParameters, run_truth, truth_
 # The truth starts five years before the first balance year so that the firn of the
 # accumulation areas exists when the models' own spin-up (1990-1994) begins.
 INTERNAL_START = np.datetime64("1984-10-01")
+# Balance years for which the reanalysis's year-to-year errors are drawn: a fixed span, so that
+# a region's errors are the same for all its glaciers whatever their last year.
+ERROR_YEARS = np.arange(1984, 2051)
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class GlacierTwin:
     geometry: Geometry
     seasons: Seasons
     climate: BlockClimate       # internal days from INTERNAL_START
+    year_errors: YearErrors     # the reanalysis's errors of each year (regional + glacier)
     params: TruthParameters
     truth: Truth
     stake_cells: np.ndarray
@@ -84,12 +90,19 @@ def simulate_glacier(name: str, spec: GlacierSpec, index: int, seed: int,
     fields = RegionalWeather.__dataclass_fields__
     weather = RegionalWeather(*(getattr(weather, f)[:n_days] for f in fields))
     # The glacier's climate differs a little from the regional mean (seen by the reanalysis),
-    # and again by an amount the reanalysis misses (irreducible error of every model).
+    # and again by an amount the reanalysis misses (irreducible error of every model). The
+    # reanalysis is also wrong by a different amount each year, partly shared by the region's
+    # glaciers: own streams, so that these draws change nothing else.
+    codes = list(REGIONS)
+    year_errors = (draw_year_errors(ERROR_YEARS, "region",
+                                    np.random.default_rng([seed, 5, codes.index(spec.region)]))
+                   + draw_year_errors(ERROR_YEARS, "glacier", np.random.default_rng([seed, 4, index])))
     climate = block_climate(weather, region, area, geometry.block_orography,
                             mean_orography=float(geometry.orography[geometry.mask[0]].mean()),
                             t_bias=rng.normal(0.0, 0.4), p_factor=float(np.exp(rng.normal(0.0, 0.12))),
                             hidden_t_bias=rng.normal(0.0, HIDDEN_T_SIGMA),
-                            hidden_p_factor=float(np.exp(rng.normal(0.0, HIDDEN_P_SIGMA))), rng=rng)
+                            hidden_p_factor=float(np.exp(rng.normal(0.0, HIDDEN_P_SIGMA))), rng=rng,
+                            year_errors=year_errors)
     params = truth_parameters(geometry, region, rng)
     windows = np.stack([(seasons.begin - INTERNAL_START).astype(int),
                         (seasons.mid - INTERNAL_START).astype(int),
@@ -115,5 +128,6 @@ def simulate_glacier(name: str, spec: GlacierSpec, index: int, seed: int,
         facies_years = sorted(int(y) for y in rng.choice(candidates, size=count, replace=False))
         facies = facies_maps(geometry.years, facies_years, truth, geometry, region, rng)
     return GlacierTwin(name=name, spec=spec, geometry=geometry, seasons=seasons, climate=climate,
+                       year_errors=year_errors,
                        params=params, truth=truth, stake_cells=cells, glacier_wide=glacier_wide,
                        stakes=stakes, facies_years=facies_years, facies=facies)
