@@ -3,7 +3,8 @@
 The fixtures are the authors' initial parameters of B and C (PRNG key 42) and their training
 logs of A, B and C on the tiny dataset: an epoch-0 validation, then three epochs of one training
 glacier (Synthgletscher) and one validation glacier (Syntetbreen). Our train scripts run with
-default arguments must start from the same parameters and log the same losses and terms.
+default arguments must start from the same parameters and log the same losses and terms (C's
+later rows: within the trajectory's own float32 sensitivity, see C_STRICT_ROWS).
 
 Fine-tuning's published validation rule (the validation years continue each epoch's training
 pass) is checked against a hand computation.
@@ -12,6 +13,7 @@ pass) is checked against a hand computation.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 
 import equinox as eqx
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import core.run
 from conftest import reference_path
 from core.cli import train_main
 from core.data import with_study_years
@@ -72,39 +75,106 @@ def train_three_epochs(kind, data, out):
     return read_log(out / f"{kind}.csv")
 
 
-# C cannot follow the authors bit for bit past its first optimiser step, and nothing less works.
-# On these tiny grids the corrector's 2-D bottleneck sees 1×1 (training glacier) and 2×1 cells
-# (validation glacier): its per-channel RMS normalisation is then nearly x/|x|, whose derivative
-# is a difference of two nearly equal float32 terms. Everything upstream of it (in_conv, the
-# three down stages) gets gradients that are mostly that rounding, and Adam turns each element
-# into a step of up to its learning rate whatever its size. Our forward pass already differs
-# from the authors' in the last bits (epoch-1 training loss 3.4e-7, as for model A), so those
-# steps differ. Measured: x·rsqrt(m+ε) instead of the published x/sqrt(m+ε) changes the first
-# gradient of every upstream kernel by 3e-3 relative and its Adam step by up to the full
-# learning rate; plain autodiff instead of the hand-written TI derivative moves the epoch-1
-# validation loss by 2e-5; each variant keeps the rows compared here within 5e-4 (epoch-1
-# validation) and 1.2e-3 (epoch 2) of the authors' and then spreads by 6–42 % at epoch 3, as far
-# from each other as from the authors. Compared are therefore every term of the rows that do
-# not depend on those steps (epoch-0 validation, epochs 1 and 2 training) at RTOL and the
-# validation losses of epochs 1 and 2 at 2e-3; epoch 3 is not comparable.
-C_ROWS = {("0", "Syntetbreen", "val"): RTOL, ("1", "Synthgletscher", "train"): RTOL,
-          ("2", "Synthgletscher", "train"): RTOL, ("1", "Syntetbreen", "val"): (2e-3, "loss"),
-          ("2", "Syntetbreen", "val"): (2e-3, "loss")}
+# C follows the authors' log at RTOL only in the rows that no optimiser step has made
+# sensitive, and no implementation that is not bit-identical to theirs can do better: the
+# trajectory itself amplifies float32 rounding far beyond RTOL. On these tiny grids the
+# corrector's bottleneck and fuse blocks normalise one cell per channel on the training glacier
+# and two on the validation glacier. A one-cell RMS norm is nearly x/|x|: its output hardly
+# moves with the upstream leaves (in_conv, the down stages, the bottleneck, the climate branch),
+# but its derivative (~1e-6/x², a difference of two nearly equal float32 terms) is rounding to
+# ~1e-3 relative, every upstream gradient inherits that error, and Adam turns elements of any
+# size into steps of up to the learning rate. The two-cell norms of the validation glacier do see
+# those steps. Measured (tiny dataset, 3 epochs): our float32 gradient of the upstream leaves is
+# 5e-3 from a float64 run of the same code (1e-6 downstream: fuse_conv.block2's norm, out_conv);
+# random 1-ulp nudges of the initial corrector move the epoch-1 validation loss by up to 9e-4,
+# epoch 2's by 2e-3 and epoch 3's losses by 30–40 % (while the training rows of epochs 1 and 2
+# stay within 1.2e-6); the float64 trajectory is 9e-4 and 4e-3 from the authors' at the first
+# two validations. So the epoch-0 validation and the training rows of epochs 1 and 2 are compared
+# at RTOL, and every later logged number must lie within our own rounding spread: the range of
+# the default run and C_NUDGES runs from the initial corrector nudged by -1, 0 or +1 ulp per
+# element, widened by C_SPREAD_FACTOR times its width (in 210 ensembles drawn from ten nudged
+# runs the authors' numbers lay at most 1.5 widths outside). The authors' run is one member of
+# that ensemble: two of those ten runs follow their epoch-3 training loss to 9e-5.
+C_STRICT_ROWS = {("0", "Syntetbreen", "val"), ("1", "Synthgletscher", "train"),
+                 ("2", "Synthgletscher", "train")}
+C_NUDGES = 4
+C_SPREAD_FACTOR = 2.0
+
+
+def numbers(row: dict) -> dict[str, float]:
+    """The logged loss and terms of one row (no keys, no timestamps)."""
+    return {c: as_number(v) for c, v in row.items() if c not in KEY and c != "timestamp"}
+
+
+def assert_rows_close(ours, theirs, keys, kind):
+    for key in keys:
+        for column, wanted in numbers(theirs[key]).items():
+            np.testing.assert_allclose(as_number(ours[key][column]), wanted, rtol=RTOL, atol=ATOL,
+                                       err_msg=f"model {kind.upper()} {key} {column}")
+
+
+def nudge_ulps(model, seed: int):
+    """``model`` with every element of its trainable leaves moved by -1, 0 or +1 ulp (float32),
+    at random: the same starting point up to rounding."""
+    rng = np.random.default_rng(seed)
+
+    def nudge(leaf):
+        leaf = np.asarray(leaf, np.float32)
+        step = rng.integers(-1, 2, leaf.shape)
+        up, down = np.nextafter(leaf, np.float32(np.inf)), np.nextafter(leaf, np.float32(-np.inf))
+        return jnp.asarray(np.where(step > 0, up, np.where(step < 0, down, leaf)))
+
+    trainable, static = eqx.partition(model, trainable_filter(model))
+    return eqx.combine(jax.tree_util.tree_map(nudge, trainable), static)
+
+
+def nudged_initial_model(build, nudge_seed: int, *args, **kwargs):
+    """``build`` (core.run's initial_model), nudged: what calibrate starts from in a nudged run."""
+    return nudge_ulps(build(*args, **kwargs), nudge_seed)
+
+
+def test_nudge_moves_trainable_elements_by_at_most_one_ulp():
+    model = initial_model("c", start_path=published_a())
+    nudged = nudge_ulps(model, 0)
+    before, after = (np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(
+        eqx.filter(m, trainable_filter(m)))]) for m in (model, nudged))
+    assert np.all(np.abs(after - before) <= np.spacing(np.abs(before)))
+    assert 0.6 < np.mean(after != before) < 0.73  # -1, 0, +1 equally likely
+    frozen = [eqx.filter(m, trainable_filter(m), inverse=True) for m in (model, nudged)]
+    assert eqx.tree_equal(*frozen)
 
 
 @pytest.mark.parametrize("kind", ["a", "b", "c"])
-def test_three_epochs_follow_the_authors_log(kind, tiny_reference_copy, tmp_path):
+def test_three_epochs_follow_the_authors_log(kind, tiny_reference_copy, tmp_path, monkeypatch):
     ours = train_three_epochs(kind, tiny_reference_copy, tmp_path / "out")
     theirs = read_log(reference_path("training", f"authors_log_{kind}.csv"))
     assert set(ours) == set(theirs)  # the same glaciers, subsets and epochs (0 = validation only)
-    rows = C_ROWS if kind == "c" else dict.fromkeys(theirs, RTOL)
-    for key, rule in rows.items():
-        rtol, only = rule if isinstance(rule, tuple) else (rule, None)
-        for column, wanted in theirs[key].items():
-            if column in KEY or column == "timestamp" or only not in (None, column):
+    if kind != "c":
+        assert_rows_close(ours, theirs, theirs, kind)
+        return
+    assert_rows_close(ours, theirs, C_STRICT_ROWS, kind)
+
+    ensemble, start = [ours], core.run.initial_model
+    for seed in range(C_NUDGES):
+        monkeypatch.setattr(core.run, "initial_model", functools.partial(nudged_initial_model, start, seed))
+        ensemble.append(train_three_epochs(kind, tiny_reference_copy, tmp_path / f"nudged{seed}"))
+    assert_within_spread(ensemble, theirs, sorted(set(theirs) - C_STRICT_ROWS))
+
+
+def assert_within_spread(ensemble, theirs, keys):
+    """Every number of the rows ``keys`` of ``theirs`` lies within the range of the runs of
+    ``ensemble``, widened on each side by C_SPREAD_FACTOR times its width."""
+    for key in keys:
+        for column, wanted in numbers(theirs[key]).items():
+            values = np.array([as_number(run[key][column]) for run in ensemble])
+            if np.isnan(wanted):  # an empty term
+                assert np.isnan(values).all(), f"model C {key} {column}"
                 continue
-            np.testing.assert_allclose(as_number(ours[key][column]), as_number(wanted), rtol=rtol,
-                                       atol=ATOL, err_msg=f"model {kind.upper()} {key} {column}")
+            low, high = values.min(), values.max()
+            outside = max(low - wanted, wanted - high, 0.0)
+            assert outside <= C_SPREAD_FACTOR * (high - low) + ATOL, (
+                f"model C {key} {column}: the authors' {wanted:.7g} lies {outside:.3g} outside our "
+                f"rounding spread [{low:.7g}, {high:.7g}]")
 
 
 def _data_loss_from(model, arrays, first, state):
