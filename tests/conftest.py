@@ -71,6 +71,10 @@ def clean_slate(tmp_path_factory):
     # Fails loudly should a plugin have imported JAX before the variables were set.
     assert not jax.config.jax_enable_x64 and jax.config.jax_default_matmul_precision == "float32"
     os.environ[COMPILATION_CACHE_ENV] = str(tmp_path_factory.mktemp("jax_compilation_cache"))
+    # This process itself writes nothing to the persistent cache (the scripts started as
+    # subprocesses still share the session's): after some hundreds of compiles in one process,
+    # jaxlib 0.10 segfaulted serialising an executable into it, twice at the same late test.
+    jax.config.update("jax_enable_compilation_cache", False)
     yield
 
 
