@@ -18,6 +18,7 @@ A test that needs one of the removed variables sets it itself (``monkeypatch.set
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import MutableMapping
 from pathlib import Path
@@ -76,6 +77,16 @@ def clean_slate(tmp_path_factory):
     # jaxlib 0.10 segfaulted serialising an executable into it, twice at the same late test.
     jax.config.update("jax_enable_compilation_cache", False)
     yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_compiled_functions():
+    """After each test module, drop the compiled functions it left in this process. The suite
+    compiles several hundred XLA programs in one process; with all of them kept, XLA crashed
+    (segmentation fault while compiling) late in the session, never in a module run alone."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 def reference_path(*parts: str) -> Path:
