@@ -61,6 +61,9 @@ def _parse(argv=None):
     p.add_argument("--epochs", type=int, default=3, help="Steady epochs after the first (default 3)")
     p.add_argument("--glaciers", type=int, default=None, help="Use only the first N training glaciers")
     p.add_argument("--json", default=None, help="Write the results here")
+    p.add_argument("--passes", type=int, default=50,
+                   help="Epochs the batching plans for (on a CPU it weighs compiles against padded "
+                        "arithmetic; default 50, the published schedule)")
     p.add_argument("--cpu_devices", type=int, default=None,
                    help="Expose N CPU devices (default: one per core, at most 8)")
     p.add_argument("--cache", action="store_true", help="Use the persistent compilation cache")
@@ -143,9 +146,10 @@ def worker(args) -> dict:
     model = skeleton(name)  # A at its prior, fresh B/corrector: the cost does not depend on values
     trainable, static = eqx.partition(model, trainable_filter(model))
     layout = args.layout or layout_for(model)
-    glaciers = GlacierSet(dataset, names, uses_facies(name), layout=layout, batch_bytes=args.batch_bytes)
+    glaciers = GlacierSet(dataset, names, uses_facies(name), layout=layout, batch_bytes=args.batch_bytes,
+                          passes=args.passes)
     validation = GlacierSet(dataset, dataset.val_names, uses_facies(name), layout=layout,
-                            batch_bytes=args.batch_bytes)
+                            batch_bytes=args.batch_bytes, passes=args.passes + 1)
     value_and_grad, _ = make_loss_and_grad()
 
     # Work per epoch: the published grid cell-days and what the engine steps (every glacier of a
@@ -163,7 +167,7 @@ def worker(args) -> dict:
     steps = {
         "sequential_day_steps": sum(b.walked_years * b.block_length for b in every),
         "glacier_day_steps": sum(b.glacier_years * b.block_length for b in every),
-        "compiled_shapes": len({b.key for b in every}),
+        "compiled_shapes": len({(b.key, b.grid) for b in every}),
         "compiled_programs": len({("grad", b.signature) for b in batches["train"]}
                                  | {("loss", b.signature) for b in batches["val"]}),
         "batches": {subset: [[names_of[i] for i in b.indices] for b in plan]
@@ -272,7 +276,7 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     for model in args.models:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", model, "--data_folder", str(folder),
-               "--epochs", str(args.epochs)]
+               "--epochs", str(args.epochs), "--passes", str(args.passes)]
         for flag, value in (("--glaciers", args.glaciers), ("--cpu_devices", args.cpu_devices),
                             ("--layout", args.layout), ("--batch_bytes", args.batch_bytes)):
             if value:
@@ -288,7 +292,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"benchmark of model {model} failed (exit {out.returncode})")
         results.append(json.loads(lines[-1][len("RESULT "):]))
     report = {"dataset": str(folder), "preset": None if args.data_folder else args.preset,
-              "epochs": args.epochs, "machine": _machine(), "load_average_before": load_before,
+              "epochs": args.epochs, "passes": args.passes, "machine": _machine(), "load_average_before": load_before,
               "load_average_after": os.getloadavg(), "results": results}
     print(table(results))
     print(f"machine: {report['machine'].get('cpu_model', '?')}, {report['machine']['cpus']} CPUs; "

@@ -187,7 +187,7 @@ def main(argv=None) -> dict:
     compile_key = "/jax/core/compile/backend_compile_duration"
 
     def validate(trainable):
-        results, _ = evaluate_glaciers(value, trainable, static, val_set, False)
+        results = evaluate_glaciers(value, trainable, static, val_set, False).results
         return [r.terms["data_loss"] for r in results]
 
     t0 = time.perf_counter()

@@ -15,6 +15,7 @@ from glaunti.layouts import (
     STATIC_KEYS,
     GlacierArrays,
     GlacierBatch,
+    grid_bucket,
     layout_host_arrays,
     make_arrays,
     stack_host_arrays,
@@ -81,12 +82,22 @@ def footprint(h: dict) -> int:
     return arrays + 4 * cells * (years * YEAR_FLOATS + days * DAY_FLOATS + CORRECTOR_FLOATS)
 
 
+# On a CPU, whether glaciers of different grids share a batch (one compile, padded arithmetic)
+# or run apart (one compile each, no padding) is a trade: a compile costs about as much as this
+# many computed cell-days (2 cores, `science` twin: A 4.4e7, B 0.8e7, C 5.0e7, from the
+# benchmark's compile seconds per program over its seconds per computed cell-day). On a GPU the
+# arithmetic of padding is nearly free and every batch costs launch latency, so glaciers share
+# the coarse buckets of ``glaunti.layouts.grid_bucket`` (at least 32×32) and "cells" rows pad
+# to the batch's largest.
+COMPILE_CELL_DAYS = 4e7
+
+
 def bucket_key(h: dict, layout: str) -> tuple:
-    """Glaciers with equal keys can share a batch: equal padded grid (any "cells" row: a batch
-    pads its rows to its largest), years and day-block length, climate days and columns, spin-up
-    years. Stakes and loss cells are padded to the bucket's largest."""
-    grid = "cells" if layout == "cells" else h["climate_cell"].shape
-    return grid, h["day_index"].shape, h["temperature_2m"].shape, h["n_spinup"]
+    """Glaciers with equal keys can share a batch: years and day-block length, climate days and
+    columns, spin-up years; the grid (or "cells" row) and the stakes and loss cells are padded
+    to the batch's."""
+    kind = "cells" if layout == "cells" else "grid"
+    return kind, h["day_index"].shape, h["temperature_2m"].shape, h["n_spinup"]
 
 
 class GlacierShape(NamedTuple):
@@ -94,7 +105,7 @@ class GlacierShape(NamedTuple):
 
     index: int
     key: tuple
-    cells: int  # cells of its (padded) grid or "cells" row
+    dims: tuple[int, int]  # its own grid, or its (1, N) "cells" row
     stakes: int
     loss_cells: int
     footprint: int  # bytes, :func:`footprint`
@@ -102,8 +113,17 @@ class GlacierShape(NamedTuple):
 
     @classmethod
     def of(cls, index: int, h: dict, layout: str) -> GlacierShape:
-        return cls(index, bucket_key(h, layout), int(h["climate_cell"].size), len(h["stake_year"]),
-                   len(h["loss_cells"]), footprint(h), np.any(h["day_valid"], axis=1))
+        return cls(index, bucket_key(h, layout), tuple(int(n) for n in h["climate_cell"].shape),
+                   len(h["stake_year"]), len(h["loss_cells"]), footprint(h), np.any(h["day_valid"], axis=1))
+
+    @property
+    def cells(self) -> int:
+        return self.dims[0] * self.dims[1]
+
+    @property
+    def days(self) -> int:
+        """Days its own years walk (years with a valid day × the block length)."""
+        return int(self.years.sum()) * self.key[1][1]
 
 
 class Batch(NamedTuple):
@@ -131,30 +151,88 @@ class Batch(NamedTuple):
         return f"{grid}, {n} glacier{'s' if n > 1 else ''}"
 
 
-def plan_batches(shapes: Sequence[GlacierShape], budget: int) -> list[Batch]:
-    """Group glaciers into batches: per bucket, glaciers by decreasing cells (then index), each
-    batch as many as fit ``budget`` when every one costs the batch's largest footprint (at
-    least one); batches in the order of their first glacier. Depends only on the glaciers and
-    the budget."""
-    buckets: dict[tuple, list[GlacierShape]] = {}
+def _cover(dims: Iterable[tuple[int, int]]) -> tuple[int, int]:
+    dims = list(dims)
+    return max(d[0] for d in dims), max(d[1] for d in dims)
+
+
+def merge_classes(members: Sequence[GlacierShape], passes: int, compile_cell_days: float
+                  ) -> list[tuple[tuple[int, int], list[GlacierShape]]]:
+    """Glaciers of one key grouped into shape classes that each compile once: starting from one
+    class per own grid (or row), the two classes whose merger (padded to the larger side of
+    each) costs least are merged while that saves: a class costs ``compile_cell_days`` plus
+    ``passes`` × its grid's cells × its glaciers' days. Deterministic."""
+    classes: dict[tuple[int, int], list[GlacierShape]] = {}
+    for m in members:
+        classes.setdefault(m.dims, []).append(m)
+    groups = sorted(classes.items())
+
+    def cost(dims, group):
+        return compile_cell_days + passes * dims[0] * dims[1] * sum(m.days for m in group)
+
+    while len(groups) > 1:
+        best = None
+        for i in range(len(groups)):
+            for j in range(i + 1, len(groups)):
+                (da, a), (db, b) = groups[i], groups[j]
+                dims = _cover([da, db])
+                saving = cost(da, a) + cost(db, b) - cost(dims, a + b)
+                if saving > 0 and (best is None or saving > best[0]):
+                    best = (saving, i, j, dims)
+        if best is None:
+            break
+        _, i, j, dims = best
+        merged = (dims, groups[i][1] + groups[j][1])
+        groups = sorted([g for k, g in enumerate(groups) if k not in (i, j)] + [merged])
+    return groups
+
+
+def plan_batches(shapes: Sequence[GlacierShape], budget: int, passes: int | None = None,
+                 compile_cell_days: float | None = None) -> list[Batch]:
+    """Group glaciers into batches of one shape.
+
+    Shape classes per key: with ``compile_cell_days`` (CPU) those of :func:`merge_classes` for
+    ``passes`` runs over the set; without (GPU) the coarse grid buckets of
+    ``glaunti.layouts.grid_bucket``, or for "cells" rows one class whose batches pad to their
+    largest row. Per class, glaciers by decreasing cells (then index), each batch as many as fit
+    ``budget`` when every one costs the batch's largest footprint (at least one); batches in the
+    order of their first glacier. Depends only on the glaciers and these arguments."""
+    keys: dict[tuple, list[GlacierShape]] = {}
     for shape in shapes:
-        buckets.setdefault(shape.key, []).append(shape)
+        keys.setdefault(shape.key, []).append(shape)
     out = []
-    for key, members in buckets.items():
-        stakes = max(m.stakes for m in members)
-        loss_cells = max(m.loss_cells for m in members)
-        groups: list[list[GlacierShape]] = [[]]
-        for shape in sorted(members, key=lambda m: (-m.cells, m.index)):
-            group = groups[-1]
-            if group and (len(group) + 1) * max(shape.footprint, *(m.footprint for m in group)) > budget:
-                groups.append(group := [])
-            group.append(shape)
-        for group in groups:
-            years = np.stack([m.years for m in group])  # (B, Y)
-            grid = (1, max(m.cells for m in group)) if key[0] == "cells" else tuple(key[0])
-            out.append(Batch(tuple(m.index for m in group), key, grid, stakes, loss_cells, int(key[1][1]),
-                             int(np.any(years, axis=0).sum()), int(years.sum())))
+    for key, members in keys.items():
+        if compile_cell_days is not None:
+            classes = merge_classes(members, passes or 1, compile_cell_days)
+        elif key[0] == "cells":
+            classes = [(None, members)]
+        else:
+            buckets: dict[tuple[int, int], list[GlacierShape]] = {}
+            for m in members:
+                buckets.setdefault(grid_bucket(*m.dims), []).append(m)
+            classes = list(buckets.items())
+        for dims, group_members in classes:
+            stakes = max(m.stakes for m in group_members)
+            loss_cells = max(m.loss_cells for m in group_members)
+            groups: list[list[GlacierShape]] = [[]]
+            for shape in sorted(group_members, key=lambda m: (-m.cells, m.index)):
+                group = groups[-1]
+                # Each glacier's footprint as if it had the class's grid (the row: its own).
+                size = shape.footprint * (dims[0] * dims[1] / shape.cells if dims else 1.0)
+                if group and (len(group) + 1) * max(size, *(g for _, g in group)) > budget:
+                    groups.append(group := [])
+                group.append((shape, size))
+            for group in groups:
+                years = np.stack([m.years for m, _ in group])  # (B, Y)
+                grid = dims or _cover(m.dims for m, _ in group)
+                out.append(Batch(tuple(m.index for m, _ in group), key, grid, stakes, loss_cells,
+                                 int(key[1][1]), int(np.any(years, axis=0).sum()), int(years.sum())))
     return sorted(out, key=lambda b: min(b.indices))  # one glacier per batch: the set's order
+
+
+def on_gpu(device=None) -> bool:
+    device = device if device is not None else jax.local_devices()[0]
+    return device.platform != "cpu"
 
 
 class GlacierSet:
@@ -169,10 +247,11 @@ class GlacierSet:
     """
 
     def __init__(self, dataset: Dataset, names: Sequence[str], facies: bool, layout: str = "exact",
-                 batch_bytes: int | None = None):
+                 batch_bytes: int | None = None, passes: int = 1):
         self.dataset, self.names, self.facies, self.layout = dataset, list(names), facies, layout
         self.budget = DEFAULT_RESIDENT_BYTES
         self.batch_bytes = batch_bytes
+        self.passes = passes  # how often the set will be run (epochs): batching weighs compiles
         self._resident: dict[str, GlacierArrays] = {}
         self._resident_batches: dict[int, GlacierBatch] = {}
         self._used = 0
@@ -182,13 +261,14 @@ class GlacierSet:
         return layout_host_arrays(tensors, self.facies, self.layout)
 
     def batches(self) -> list[Batch]:
-        """The batches of this set (computed once from the glaciers' shapes and the batch
-        budget, :func:`batch_budget`), in their fixed order."""
+        """The batches of this set (computed once from the glaciers' shapes, the batch budget
+        (:func:`batch_budget`) and, on a CPU, the number of passes), in their fixed order."""
         if self._plan is None:
             budget = batch_budget() if self.batch_bytes is None else self.batch_bytes
             shapes = [GlacierShape.of(i, self._host(tensors), self.layout)
                       for i, tensors in enumerate(self.dataset.iter_glaciers(self.names))]
-            self._plan = plan_batches(shapes, budget)
+            compile_cost = None if on_gpu() else COMPILE_CELL_DAYS
+            self._plan = plan_batches(shapes, budget, self.passes, compile_cost)
         return self._plan
 
     def iter_batches(self, placed: Sequence[tuple[int, object]]) -> Iterator[tuple[int, Batch, GlacierBatch]]:

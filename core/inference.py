@@ -10,18 +10,22 @@ writer buffers one block of file chunks (at most MAP_VALUES values).
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from typing import Iterator
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import netCDF4
 import numpy as np
 import pyproj
 import xarray as xr
+from tqdm.auto import tqdm
 
 from core.distributed import map_glaciers  # noqa: F401  (inference spreads glaciers over devices)
 from core.io import atomic_path
+from core.training import announce_compile
 from glaunti.glacier import GlacierArrays, initial_state, walk_years, year_step
 
 SMB_VARIABLE = "smb"
@@ -42,15 +46,31 @@ def _series_step(model, arrays, k, state):
     return state, series
 
 
-def iter_daily_smb(model, arrays: GlacierArrays, tensors) -> Iterator[tuple[int, np.ndarray]]:
+# (model type, array shapes) whose inference functions this process has compiled.
+_COMPILED: set = set()
+
+
+def iter_daily_smb(model, arrays: GlacierArrays, tensors, verbose: bool = True
+                   ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(first_day, smb)`` chunks of consecutive calendar days covering the study period;
-    ``smb`` is (n, H, W) float32 m w.e. per day, ``first_day`` a climate-day index."""
+    ``smb`` is (n, H, W) float32 m w.e. per day, ``first_day`` a climate-day index. The first
+    glacier of a new shape says that it compiles (``verbose``)."""
+    key = (type(model), tuple(np.shape(x) for x in jax.tree_util.tree_leaves(arrays)))
+    t0 = None
+    if key not in _COMPILED:
+        _COMPILED.add(key)
+        if verbose:
+            height, width = arrays.shape
+            t0 = announce_compile(f"model {getattr(model, 'kind', '?')} inference", f"{height}×{width}")
     state = _spun_up(model, arrays)
     study = range(arrays.n_spinup, len(tensors.years))
     pending_day, pending = None, None
     for k in study:
         state, series = _series_step(model, arrays, jnp.int32(k), state)  # traced k: one compile
         series = np.asarray(series)
+        if t0 is not None:
+            tqdm.write(f"  compiled and ran its first year in {time.perf_counter() - t0:.1f} s")
+            t0 = None
         begin, end = int(tensors.begin_day[k]), int(tensors.end_day[k])
         year = np.zeros((end - begin + 1,) + series.shape[1:], dtype=np.float32)
         valid = np.asarray(tensors.day_valid[k])

@@ -102,7 +102,13 @@ def batch_loss(model, batch: GlacierBatch, *, custom_vjp: bool = False, **engine
     def one(arrays):
         return glacier_loss(model, arrays, custom_vjp=custom_vjp, active_years=active, **engine)
 
-    losses, terms = jax.vmap(one)(batch.arrays)
+    if batch.arrays.day_valid.shape[0] == 1:
+        # A batch of one runs unbatched: the same numbers, without vmap's cost (C on a 49×70
+        # glacier: 7.9 → 6.2 s per gradient on 2 CPU cores).
+        loss, terms = one(jax.tree_util.tree_map(lambda a: a[0], batch.arrays))
+        losses, terms = jax.tree_util.tree_map(lambda a: a[None], (loss, terms))
+    else:
+        losses, terms = jax.vmap(one)(batch.arrays)
     return jnp.sum(losses), (losses, terms)
 
 

@@ -64,8 +64,8 @@ def calibrate(model_name: str, data_folder=None, epochs=None, learning_rate=1e-3
     )
     # Training layouts: glaciers share compiled functions (glaunti.layouts.LAYOUTS).
     layout = layout_for(model)
-    train_set = GlacierSet(dataset, split.train, facies, layout=layout)
-    val_set = GlacierSet(dataset, split.val, facies, layout=layout)
+    train_set = GlacierSet(dataset, split.train, facies, layout=layout, passes=epochs)
+    val_set = GlacierSet(dataset, split.val, facies, layout=layout, passes=epochs + 1)
     return train(model, train_set, val_set, config)
 
 

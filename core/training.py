@@ -202,7 +202,9 @@ def _work_items(glacier_set):
     return list(names), [(i,) for i in range(len(names))], load_one
 
 
-def _announce(what: str, describe: str, number: int, total: int):
+def announce_compile(what: str, describe: str, number: int = 0, total: int = 0) -> float:
+    """Say above any progress bar that XLA compiles now (it can take minutes that would look
+    like a hang); returns the start time for the "compiled in" line."""
     tqdm.write(f"compiling {what} for {describe}" + (f" ({number} of {total})…" if total else "…"))
     return time.perf_counter()
 
@@ -261,7 +263,7 @@ def evaluate_glaciers(fn, trainable, static, glacier_set, with_grad: bool,
             else:
                 _COMPILED.add(key)
                 counter["new"] += 1
-                t0 = _announce(what, describe, counter["new"], counter["total"]) if announce else None
+                t0 = announce_compile(what, describe, counter["new"], counter["total"]) if announce else None
                 pending.append((j, fn(*replica, arrays)))  # traces and compiles, then dispatches
                 if t0 is not None:
                     tqdm.write(f"  compiled in {time.perf_counter() - t0:.1f} s")

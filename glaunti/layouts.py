@@ -145,18 +145,19 @@ def host_arrays(tensors, facies: bool = False) -> dict:
 #             from the last real year so that no mean divides by zero); ``run_glacier`` skips
 #             them with ``lax.cond``, so they cost nothing. Padded days/columns are never read.
 #             One compile per grid shape (H, W). Used for C and D (the corrector needs the grid).
-#   "padded_grid": "padded", and the grid padded (bottom/right) to a shape bucket
-#             (:func:`grid_bucket`) with inert cells: outlines, fields, lapse offset and climate
-#             column 0, never a stake. Exact only for a model whose outputs on the glacier's own
-#             grid do not depend on the padding (it reads ``grid_size``); such a model says so with
-#             ``pads_grid = True`` and :func:`layout_for` then picks this layout. One compile per
-#             shape bucket instead of per grid shape.
+#   "padded_grid": "padded", and in a batch the grid padded (bottom/right) to the batch's grid
+#             (``core.data.plan_batches``; on a GPU a :func:`grid_bucket`) with inert cells:
+#             outlines, fields, lapse offset and climate column 0, never a stake. Exact only for
+#             a model whose outputs on the glacier's own grid do not depend on the padding (it
+#             reads ``grid_size``); such a model says so with ``pads_grid = True`` and
+#             :func:`layout_for` then picks this layout. Glaciers of different grids can then
+#             share one compiled function (which ones: ``core.data.plan_batches``).
 #   "cells":  "padded", and the grid replaced by a (1, N) row of the cells that matter for the
 #             loss (glacier in any year, or holding a stake), N rounded up to a cell bucket with
 #             inert padding cells. Exact for the cell-independent models A and B only; one
 #             compile per cell bucket, and 2-3x less work (most of a grid is off-glacier).
-# Glaciers of one bucket are also stacked into batches (:func:`stack_host_arrays`), which pad
-# their stakes, loss cells and (for "cells") their cell rows to the batch's largest.
+# Glaciers are stacked into batches (:func:`stack_host_arrays`), which pad their stakes, loss
+# cells and grid (or "cells" row) to the batch's.
 # ----------------------------------------------------------------------------------------------
 LAYOUTS = ("exact", "padded", "padded_grid", "cells")
 YEAR_MULTIPLE = 8
@@ -164,9 +165,10 @@ DAY_MULTIPLE = 2048
 MIN_COLUMNS = 16
 MIN_CELLS = 128
 CELL_BUCKETS_PER_OCTAVE = 4
-# Grid sides of "padded_grid": at least 32 (the corrector pools three times by 2, and on a GPU a
-# smaller grid costs launch latency, not arithmetic), above that 4 sizes per octave in steps of
-# at least 8 (≤ 25 % padding per side, ≤ 56 % per grid). docs/performance.md lists the waste.
+# Grid buckets of "padded_grid" batches on a GPU: sides at least 32 (the corrector pools three
+# times by 2, and on a GPU a smaller grid costs launch latency, not arithmetic), above that 4
+# sizes per octave in steps of at least 8 (≤ 25 % padding per side, ≤ 56 % per grid).
+# docs/performance.md lists the waste.
 MIN_GRID_SIDE = 32
 
 
@@ -189,7 +191,7 @@ def cell_bucket(n: int, per_octave: int = CELL_BUCKETS_PER_OCTAVE) -> int:
 
 
 def side_bucket(n: int) -> int:
-    """A grid side rounded up for "padded_grid": 32, 40, 48, 56, 64, 80, 96, ..., 512, 640, ..."""
+    """A grid side rounded up to a bucket: 32, 40, 48, 56, 64, 80, 96, ..., 512, 640, ..."""
     if n <= MIN_GRID_SIDE:
         return MIN_GRID_SIDE
     step = max(8, (1 << int(np.floor(np.log2(n)))) // CELL_BUCKETS_PER_OCTAVE)
@@ -197,7 +199,7 @@ def side_bucket(n: int) -> int:
 
 
 def grid_bucket(height: int, width: int) -> tuple[int, int]:
-    """The padded grid (H', W') of an (H, W) grid in the "padded_grid" layout."""
+    """The bucket grid (H', W') of an (H, W) grid (GPU batches of "padded_grid")."""
     return side_bucket(height), side_bucket(width)
 
 
@@ -250,7 +252,8 @@ _GRID_FIELDS = ("climate_cell", "lapse_offset", "outlines", "fields")  # (..., H
 def pad_host_grid(h: dict, height: int, width: int) -> dict:
     """The grid of :func:`host_arrays`-style ``h`` padded at the bottom/right to (height, width)
     with inert cells (0 everywhere; stakes keep their cells). ``grid_size`` keeps the glacier's
-    own size; ``loss_cells`` are re-indexed into the padded grid (padding value height·width)."""
+    own size; ``loss_cells`` are re-indexed into the padded grid (padding value height·width);
+    ``grid_padded`` is set once any padding was added."""
     old_h, old_w = h["climate_cell"].shape
     if (height, width) == (old_h, old_w):
         return h
@@ -262,6 +265,7 @@ def pad_host_grid(h: dict, height: int, width: int) -> dict:
     cells = h["loss_cells"]
     real = cells < old_h * old_w
     h["loss_cells"] = np.where(real, (cells // old_w) * width + cells % old_w, height * width).astype(np.int32)
+    h["grid_padded"] = True
     return h
 
 
@@ -352,10 +356,9 @@ def layout_host_arrays(tensors, facies: bool = False, layout: str = "exact", kee
     if layout != "exact":
         h = pad_host_arrays(h)
     if layout == "padded_grid":
-        # A traced grid size cannot be checked by the corrector: check the real one here.
+        # A traced grid size cannot be checked by the corrector: check the real one here. The
+        # grid itself is padded by the batch it joins (stack_host_arrays), if at all.
         check_grid(*h["climate_cell"].shape)
-        h = pad_host_grid(h, *grid_bucket(*h["climate_cell"].shape))
-        h["grid_padded"] = True
     if layout == "cells":
         h = pack_host_cells(h, keep)
     return h

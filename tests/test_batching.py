@@ -22,6 +22,7 @@ from glaunti.layouts import (
     grid_bucket,
     layout_host_arrays,
     make_arrays,
+    pad_host_grid,
     side_bucket,
     stack_host_arrays,
     to_device,
@@ -39,7 +40,7 @@ def flat(tree) -> np.ndarray:
 def test_grid_buckets():
     assert [side_bucket(n) for n in (1, 16, 24, 32, 33, 41, 64, 65, 396, 514)] == \
         [32, 32, 32, 32, 40, 48, 64, 80, 448, 640]
-    # The demo twin's four grid shapes share one bucket.
+    # The demo twin's four grid shapes share one bucket (on a GPU).
     assert {grid_bucket(*s) for s in ((16, 24), (24, 16), (24, 24), (24, 32))} == {(32, 32)}
     for n in range(33, 2000):
         assert n <= side_bucket(n) <= 1.25 * n and side_bucket(n) % 8 == 0
@@ -48,10 +49,12 @@ def test_grid_buckets():
 def test_padded_grid_is_inert_padding(tiny_reference_dataset):
     tensors = tiny_reference_dataset.glacier(tiny_reference_dataset.names[0])
     exact = layout_host_arrays(tensors, layout="padded")
-    padded = layout_host_arrays(tensors, layout="padded_grid")
+    alone = layout_host_arrays(tensors, layout="padded_grid")  # a glacier is padded by its batch
     height, width = exact["climate_cell"].shape
-    assert padded["climate_cell"].shape == grid_bucket(height, width)
-    assert list(padded["grid_size"]) == [height, width]
+    assert alone["climate_cell"].shape == (height, width) and not alone.get("grid_padded", False)
+    padded = pad_host_grid(alone, *grid_bucket(height, width))
+    assert padded["climate_cell"].shape == (32, 32)
+    assert padded["grid_padded"] and list(padded["grid_size"]) == [height, width]
     for name in ("climate_cell", "lapse_offset", "outlines", "fields"):
         np.testing.assert_array_equal(padded[name][..., :height, :width], exact[name])
         assert not np.any(padded[name][..., height:, :]) and not np.any(padded[name][..., :, width:])
@@ -66,25 +69,46 @@ def test_padded_grid_is_inert_padding(tiny_reference_dataset):
         np.testing.assert_array_equal(padded[name], exact[name])
 
 
-def _shape(index, key, cells, footprint):
-    return GlacierShape(index, key, cells, 64, 128, footprint, np.array([True, True, False]))
+def _shape(index, key, dims, footprint, years=(True, True, False)):
+    return GlacierShape(index, key, dims, 64, 128, footprint, np.array(years))
 
 
 def test_batches_follow_buckets_and_budget():
-    p, q = ((32, 32), (3, 8), (2048, 16), 1), ((40, 32), (3, 8), (2048, 16), 1)
-    shapes = [_shape(0, p, 100, 40), _shape(1, q, 300, 40), _shape(2, p, 200, 30), _shape(3, p, 200, 50),
-              _shape(4, p, 50, 10)]
+    """On a GPU (no compile cost): coarse grid buckets; "cells" rows pad to the batch's largest."""
+    p, q = ("grid", (3, 8), (2048, 16), 1), ("grid", (4, 8), (2048, 16), 1)
+    # Footprints as if on the 32×32 bucket: 0 → 32, 2 → 26.7, 3 → 40, 4 → 32; order 3, 0, 2, 4.
+    shapes = [_shape(0, p, (24, 16), 12), _shape(1, q, (40, 32), 40), _shape(2, p, (16, 24), 10),
+              _shape(3, p, (32, 32), 40), _shape(4, p, (8, 8), 2)]
     plan = plan_batches(shapes, budget=100)
     # Per bucket, largest cells first (ties by index), as many as fit when each costs the
     # batch's largest footprint; batches in the order of their first glacier.
-    assert [b.indices for b in plan] == [(0, 4), (1,), (2, 3)]
+    assert [b.indices for b in plan] == [(3, 0), (1,), (2, 4)]
     assert plan[2].walked_years == 2 and plan[2].glacier_years == 4 and plan[2].block_length == 8
     assert plan[2].grid == (32, 32) and plan[2].describe() == "32×32, 2 glaciers"
-    cells = plan_batches([_shape(0, ("cells",) + p[1:], 100, 1), _shape(1, ("cells",) + p[1:], 300, 1)], 100)
-    assert [(b.indices, b.grid) for b in cells] == [((1, 0), (1, 300))]  # rows padded to the largest
+    cells = plan_batches([_shape(0, ("cells",) + p[1:], (1, 128), 1), _shape(1, ("cells",) + p[1:], (1, 320), 1)], 100)
+    assert [(b.indices, b.grid) for b in cells] == [((1, 0), (1, 320))]  # rows padded to the largest
     assert [b.indices for b in plan_batches(shapes, budget=1)] == [(0,), (1,), (2,), (3,), (4,)]
-    assert [b.indices for b in plan_batches(shapes, budget=10**9)] == [(2, 3, 0, 4), (1,)]
+    big = plan_batches(shapes, budget=10**9)
+    assert [b.indices for b in big] == [(3, 0, 2, 4), (1,)] and big[0].glacier_years == 8
     assert plan_batches(shapes, budget=100) == plan  # depends on nothing else
+
+
+def test_cpu_batches_weigh_compiles_against_padding():
+    """On a CPU a glacier is padded to another's grid only when the compile saved costs more
+    than the padded cell-days over the planned passes."""
+    key = ("grid", (3, 8), (2048, 16), 1)  # 2 years with days × 8 days per glacier
+    shapes = [_shape(0, key, (24, 16), 1), _shape(1, key, (16, 24), 1), _shape(2, key, (24, 24), 1),
+              _shape(3, key, (24, 24), 1)]
+    # Padding 24×16 and 16×24 to 24×24 adds 2 × 192 cells × 16 days per pass.
+    extra = 2 * 192 * 16
+    one = plan_batches(shapes, 10**9, passes=10, compile_cell_days=2 * 10 * extra + 1)
+    assert [(b.indices, b.grid) for b in one] == [((2, 3, 0, 1), (24, 24))]
+    own = plan_batches(shapes, 10**9, passes=10, compile_cell_days=10 * 192 * 16 - 1)
+    assert [(b.indices, b.grid) for b in own] == [((0,), (24, 16)), ((1,), (16, 24)), ((2, 3), (24, 24))]
+    assert not any(b.grid == (32, 32) for b in plan_batches(shapes, 10**9, 1, 1e12))  # own sides only
+    rows = [_shape(i, ("cells",) + key[1:], (1, n), 1) for i, n in enumerate((128, 160, 160, 1024))]
+    plan = plan_batches(rows, 10**9, passes=50, compile_cell_days=50 * 32 * 16 * 1.5)
+    assert [(b.indices, b.grid) for b in plan] == [((1, 2, 0), (1, 160)), ((3,), (1, 1024))]
 
 
 def _expected():
@@ -149,7 +173,8 @@ def test_batched_c_equals_per_glacier(tiny_reference_dataset):
     dataset = tiny_reference_dataset
     model = load_model("c", PUBLISHED / "c.eqx")
     trainable, static = eqx.partition(model, trainable_filter(model))
-    hosts = [layout_host_arrays(dataset.glacier(name), layout="padded_grid") for name in dataset.names]
+    hosts = [pad_host_grid(layout_host_arrays(dataset.glacier(name), layout="padded_grid"), 32, 32)
+             for name in dataset.names]
     hosts[1] = _shorter(hosts[1])
     batch = GlacierBatch(to_device(stack_host_arrays(hosts)))
 

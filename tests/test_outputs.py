@@ -124,6 +124,20 @@ def test_daily_smb_metadata_and_values(daily_smb, tiny_twin):
         assert smb.encoding["chunksizes"] == chunk_shape(len(tensors.y), len(tensors.x))
 
 
+def test_inference_says_when_it_compiles(tiny_twin, capsys, monkeypatch):
+    from core import inference
+
+    monkeypatch.setattr(inference, "_COMPILED", set())
+    tensors = Dataset(tiny_twin).glacier(Dataset(tiny_twin).names[0])
+    arrays = make_arrays(tensors)
+    first = list(inference.iter_daily_smb(skeleton("a"), arrays, tensors))
+    height, width = arrays.shape
+    assert f"compiling model A inference for {height}×{width}…" in capsys.readouterr().out
+    again = list(inference.iter_daily_smb(skeleton("a"), arrays, tensors))
+    assert "compiling" not in capsys.readouterr().out
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(first, again))
+
+
 @pytest.mark.parametrize("grid, chunk", [
     ((12, 16), (365, 12, 16)),     # a year of the whole grid fits in one chunk
     ((60, 80), (365, 20, 20)),     # a year, 3 x 4 tiles of 20 x 20 cells
