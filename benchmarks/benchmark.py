@@ -13,13 +13,14 @@ For each model, in a fresh subprocess (so that compile times and peak memory are
   (its training layout drops off-glacier cells for A/B and adds bucket padding);
 - inference: seconds per glacier-year of the daily-series inference of one glacier (after a
   warm-up run that compiles);
-- batching: glaciers of one shape bucket run as one vmapped computation (``core.data``);
-  ``sequential_day_steps`` counts the day-loop iterations one training epoch (training and its
-  validation) executes one after another over all its compiled calls (years walked × L per
-  batch), ``glacier_day_steps`` what a per-glacier engine iterates (Σ glaciers × their years ×
-  L), ``compiled_shapes`` the distinct shape buckets of training and validation (one compiled
-  function each, up to the batch size) and ``compiled_programs`` the distinct batch shapes
-  (gradient for training, loss for validation) that XLA compiles;
+- batching (``core.data``; planned for ``--passes`` epochs): on a GPU the glaciers of one shape
+  bucket run as one vmapped computation, on a CPU glaciers share a compiled shape but run one
+  after another; ``sequential_day_steps`` counts the day-loop iterations one training epoch
+  (training and its validation) executes one after another over all its compiled calls (years
+  walked × L per batch), ``glacier_day_steps`` what a per-glacier engine iterates (Σ glaciers ×
+  their years × L), ``compiled_shapes`` the distinct shapes of training and validation batches
+  and ``compiled_programs`` the distinct batch signatures (gradient for training, loss for
+  validation) that XLA compiles; ``gpu_plan`` the same figures of the plan a GPU would run;
 - peak host RAM (``ru_maxrss``) and, on GPUs, peak device memory (``memory_stats``);
 - floor: bytes of forcing (T and P, float32, once per stepped cell-day) over the device memory
   bandwidth measured by a copy benchmark, and the ratio epoch / floor.
@@ -162,18 +163,20 @@ def worker(args) -> dict:
     for batch in glaciers.batches():
         for tensors in dataset.iter_glaciers([names[i] for i in batch.indices]):
             computed_cell_days += batch.grid[0] * batch.grid[1] * int(np.asarray(tensors.day_valid).sum())
-    batches = {"train": glaciers.batches(), "val": validation.batches()}
-    every = batches["train"] + batches["val"]
-    steps = {
-        "sequential_day_steps": sum(b.walked_years * b.block_length for b in every),
-        "glacier_day_steps": sum(b.glacier_years * b.block_length for b in every),
-        "compiled_shapes": len({(b.key, b.grid) for b in every}),
-        "compiled_programs": len({("grad", b.signature) for b in batches["train"]}
-                                 | {("loss", b.signature) for b in batches["val"]}),
-        "batches": {subset: [[names_of[i] for i in b.indices] for b in plan]
-                    for subset, plan, names_of in (("train", batches["train"], names),
-                                                   ("val", batches["val"], dataset.val_names))},
-    }
+    def plan_figures(train, val):
+        every = train + val
+        return {
+            "sequential_day_steps": sum(b.walked_years * b.block_length for b in every),
+            "glacier_day_steps": sum(b.glacier_years * b.block_length for b in every),
+            "compiled_shapes": len({(b.key, b.grid) for b in every}),
+            "compiled_programs": len({("grad", b.signature) for b in train} | {("loss", b.signature) for b in val}),
+            "batches": {subset: [[names_of[i] for i in b.indices] for b in plan]
+                        for subset, plan, names_of in (("train", train, names), ("val", val, dataset.val_names))},
+        }
+
+    steps = plan_figures(glaciers.batches(), validation.batches())
+    # What the same sets would run as on a GPU (coarse buckets, vmapped batches): not run here.
+    steps["gpu_plan"] = plan_figures(glaciers.plan(gpu=True), validation.plan(gpu=True))
 
     walls, cpus = [], []
     compile_before = dict(events)

@@ -34,3 +34,5 @@ def test_benchmark_runs_and_writes_json(tiny_twin, tmp_path):
     assert result["glacier_day_steps"] >= result["sequential_day_steps"] > 0
     assert 1 <= result["compiled_shapes"] <= result["compiled_programs"] <= 2
     assert [len(b) for b in result["batches"]["train"]] == [1]
+    gpu = result["gpu_plan"]  # planned, not run
+    assert gpu["glacier_day_steps"] == result["glacier_day_steps"] >= gpu["sequential_day_steps"] > 0
