@@ -9,10 +9,12 @@ profile_WGMS-00491.csv --fold 2``, 49×70) and Kesselwandferner (``--outline_id 
 --margin_m 1000 --fold 1``, 51×51; its observations only matter for the loss value, not the time).
 
 C starts from the published A (``params/published/a.eqx``, fresh corrector) and is trained as
-``train_c.py`` does: an epoch is the forward+gradient pass over the training glaciers, the Adam
-step and the forward pass over the validation glaciers (``core.training``). Figures: the
-validation pass before training (compiles the forward), the first epoch (compiles the gradient),
-the median steady epoch, and the seconds XLA spent compiling. ``--profile`` times the pieces of
+``train_c.py`` does (``core.training.train``): an epoch is the forward+gradient pass over the
+training glaciers, the Adam step and the forward pass over the validation glaciers, which on
+several CPU devices runs beside the next epoch's gradient. Figures: the validation pass before
+training (compiles the forward), the first epoch (compiles the gradient), the median steady
+epoch (the time between the loop's closing of one epoch and the next), and the seconds XLA spent
+compiling. ``--profile`` times the pieces of
 one study year of the training glacier, each compiled alone: the three channel runs, the
 corrector, the corrected run, the year's forward, its forward+gradient, and its
 forward+gradient rematerialised as in the year walk.
@@ -161,63 +163,70 @@ def main(argv=None) -> dict:
     from core import distributed
 
     distributed.setup(cpu_devices=args.cpu_devices, compilation_cache=args.cache)
-    import equinox as eqx
     import jax
 
     events = defaultdict(float)
     jax.monitoring.register_event_duration_secs_listener(
         lambda name, secs, **kw: events.__setitem__(name, events[name] + secs))
 
+    import csv
+    import tempfile
+
+    import core.training
     from core.data import GlacierSet
-    from core.models import initial_model, published_params_path, trainable_filter
-    from core.training import epoch_gradient, evaluate_glaciers, make_loss_and_grad, make_optimiser
+    from core.models import initial_model, published_params_path
+    from core.training import TrainConfig, train
     from dataloader import Dataset
     from glaunti.glacier import layout_for, make_arrays
 
     dataset = Dataset(Path(args.data_folder))
     model = initial_model("c", start_path=published_params_path("a"))
     shimmed = _year_policy_shim(model)
-    trainable, static = eqx.partition(model, trainable_filter(model))
     layout = layout_for(model)
-    train_set = GlacierSet(dataset, dataset.train_names, False, layout=layout)
-    val_set = GlacierSet(dataset, dataset.val_names, False, layout=layout)
-    value_and_grad, value = make_loss_and_grad()
-    optimiser = make_optimiser(1e-3)
-    opt_state = optimiser.init(trainable)
+    train_set = GlacierSet(dataset, dataset.train_names, False, layout=layout, passes=args.epochs + 1)
+    val_set = GlacierSet(dataset, dataset.val_names, False, layout=layout, passes=args.epochs + 2)
     compile_key = "/jax/core/compile/backend_compile_duration"
 
-    def validate(trainable):
-        results = evaluate_glaciers(value, trainable, static, val_set, False).results
-        return [r.terms["data_loss"] for r in results]
+    # Wall and CPU time where the training loop closes each epoch (it logs the epoch's time then).
+    marks = [(time.perf_counter(), _cpu_seconds())]
+    set_epoch_time = core.training.Log.set_epoch_time
 
-    t0 = time.perf_counter()
-    val_losses = [validate(trainable)]
-    initial_validation = time.perf_counter() - t0
-    walls, cpus, train_losses = [], [], []
-    for _ in range(args.epochs + 1):
-        c0, t0 = _cpu_seconds(), time.perf_counter()
-        grads, results = epoch_gradient(value_and_grad, trainable, static, train_set)
-        updates, opt_state = optimiser.update(grads, opt_state, trainable)
-        trainable = eqx.apply_updates(trainable, updates)
-        val_losses.append(validate(trainable))
-        walls.append(time.perf_counter() - t0)
-        cpus.append(_cpu_seconds() - c0)
-        train_losses.append([r.loss for r in results])
-    steady = walls[1:] or walls
+    def mark(log, epoch, seconds):
+        marks.append((time.perf_counter(), _cpu_seconds()))
+        set_epoch_time(log, epoch, seconds)
+
+    core.training.Log.set_epoch_time = mark
+    with tempfile.TemporaryDirectory() as tmp:
+        config = TrainConfig(epochs=args.epochs + 1, learning_rate=1e-3, params_path=Path(tmp) / "c.eqx",
+                             log_path=Path(tmp) / "c.csv", checkpoint=False, show_progress=False)
+        t0 = time.perf_counter()
+        train(model, train_set, val_set, config)
+        rows = list(csv.DictReader(open(config.log_path)))
+    core.training.Log.set_epoch_time = set_epoch_time
+    initial_validation = max(float(r["epoch_time_s"]) for r in rows if r["epoch"] == "0")
+    walls = [b[0] - a[0] for a, b in zip(marks[1:], marks[2:])]
+    walls.insert(0, marks[1][0] - t0 - initial_validation)
+    cpus = [b[1] - a[1] for a, b in zip(marks[1:], marks[2:])]
+    per_epoch = {}
+    for r in rows:
+        per_epoch.setdefault((r["epoch"], r["subset"]), []).append(float(r["loss"]))
+    train_losses = [per_epoch[(str(e), "train")] for e in range(1, args.epochs + 2)]
+    val_losses = [per_epoch[(str(e), "val")] for e in range(args.epochs + 2)]
+    # The last epoch has no next gradient beside its validation: not a steady one.
+    steady, steady_cpus = (walls[1:-1], cpus[1:-1]) if len(walls) > 2 else (walls, cpus)
     out = {
         "train": {n: list(make_arrays(dataset.glacier(n)).shape) for n in dataset.train_names},
         "validation": {n: list(make_arrays(dataset.glacier(n)).shape) for n in dataset.val_names},
         "devices": len(jax.devices()), "year_policy_shim": shimmed,
         "initial_validation_s": initial_validation, "first_epoch_s": walls[0],
-        "steady_epoch_s": statistics.median(steady), "steady_epoch_cpu_s": statistics.median(cpus[1:] or cpus),
+        "steady_epoch_s": statistics.median(steady), "steady_epoch_cpu_s": statistics.median(steady_cpus),
         "epochs_s": walls, "compile_s": events.get(compile_key, 0.0),
         "train_losses": train_losses, "val_losses": val_losses,
     }
     if args.profile:
         name = dataset.train_names[0]
         out["profile_glacier"] = name
-        out["profile_year_s"] = profile_year(eqx.combine(trainable, static),
-                                             make_arrays(dataset.glacier(name)), args.repeats)
+        out["profile_year_s"] = profile_year(model, make_arrays(dataset.glacier(name)), args.repeats)
 
     print(f"train {out['train']}  validation {out['validation']}  devices {out['devices']}  "
           f"year policy shim {shimmed}")

@@ -137,21 +137,28 @@ def is_main_process() -> bool:
 
 class Placement:
     """Work item (batch or glacier) ``i`` of a fixed list → its process and its local device
-    (round-robin)."""
+    (round-robin, starting ``offset`` items further on: a second list that runs alongside the
+    first, like the validation glaciers beside the next epoch's gradient, then starts on the
+    devices the first list leaves idle)."""
 
-    def __init__(self, devices=None):
+    def __init__(self, devices=None, offset: int = 0):
         self.devices = list(jax.local_devices() if devices is None else devices)
         self.n_processes = jax.process_count()
         self.process = jax.process_index()
+        self.offset = int(offset)
 
     def owner(self, i: int) -> int:
-        return i % self.n_processes
+        return (i + self.offset) % self.n_processes
 
     def is_local(self, i: int) -> bool:
         return self.owner(i) == self.process
 
     def device(self, i: int):
-        return self.devices[(i // self.n_processes) % len(self.devices)]
+        return self.devices[((i + self.offset) // self.n_processes) % len(self.devices)]
+
+    def shifted(self, offset: int) -> "Placement":
+        """The same devices and processes, items starting ``offset`` further on."""
+        return Placement(self.devices, self.offset + offset)
 
     def local_indices(self, n: int) -> list[int]:
         return [i for i in range(n) if self.is_local(i)]

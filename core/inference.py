@@ -21,11 +21,10 @@ import netCDF4
 import numpy as np
 import pyproj
 import xarray as xr
-from tqdm.auto import tqdm
 
 from core.distributed import map_glaciers  # noqa: F401  (inference spreads glaciers over devices)
 from core.io import atomic_path
-from core.training import announce_compile
+from core.training import announce_compile, progress_note
 from glaunti.glacier import GlacierArrays, initial_state, walk_years, year_step
 
 SMB_VARIABLE = "smb"
@@ -69,7 +68,7 @@ def iter_daily_smb(model, arrays: GlacierArrays, tensors, verbose: bool = True
         state, series = _series_step(model, arrays, jnp.int32(k), state)  # traced k: one compile
         series = np.asarray(series)
         if t0 is not None:
-            tqdm.write(f"  compiled and ran its first year in {time.perf_counter() - t0:.1f} s")
+            progress_note(f"  compiled and ran its first year in {time.perf_counter() - t0:.1f} s")
             t0 = None
         begin, end = int(tensors.begin_day[k]), int(tensors.end_day[k])
         year = np.zeros((end - begin + 1,) + series.shape[1:], dtype=np.float32)

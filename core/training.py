@@ -25,11 +25,17 @@ asynchronous dispatch keeps the devices busy concurrently, and the batch gradien
 on the host in the fixed batch order. Batches depend only on the glaciers and the memory budget,
 so the result is bit-identical whatever the number of devices or processes. Only process 0
 writes params, checkpoints (``core.checkpoint``) and logs (``core.training_log``).
+
+On several CPU devices of one process, epoch e's validation runs in a background thread, on the
+devices after the training batches', while epoch e+1's gradient is computed: both need only the
+parameters after step e, and with few large glaciers the gradient alone leaves cores idle.
+Epochs are closed (log, best parameters, checkpoint) in order, so nothing else changes.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -54,7 +60,8 @@ from glaunti.params import save_params
 
 __all__ = ["CLIP_NORM", "LOG_COLUMNS", "VALIDATION_RULES", "Checkpoint", "Evaluation", "GlacierResult", "Log",
            "TrainConfig", "TrainingError", "checkpoint_path", "epoch_gradient", "evaluate_glaciers",
-           "make_loss_and_grad", "make_optimiser", "sum_gradients", "train"]
+           "make_loss_and_grad", "make_optimiser", "overlaps_validation", "progress_note", "sum_gradients",
+           "train"]
 
 CLIP_NORM = 5.0
 
@@ -73,6 +80,9 @@ class TrainConfig:
     checkpoint: bool = True
     show_progress: bool = True
     validation: str = "rerun"  # or "carried": see the module docstring
+    # Run epoch e's validation while epoch e+1's gradient is computed; None = where it pays
+    # (``overlaps_validation``). The same numbers either way.
+    overlap_validation: bool | None = None
 
 
 VALIDATION_RULES = ("rerun", "carried")
@@ -144,6 +154,22 @@ def last_training_years(train_set, val_set) -> dict[str, int]:
     return last
 
 
+def overlaps_validation(placement: distributed.Placement) -> bool:
+    """Whether validation should run beside the next epoch's gradient: on several CPU devices
+    of one process, where the gradient of few glaciers leaves cores idle. Not on an
+    accelerator, where both would share one device's memory budget (``core.data``) for little
+    gain, nor across processes, whose gathers must come in the same order everywhere."""
+    return (placement.n_processes == 1 and len(placement.devices) > 1
+            and all(d.platform == "cpu" for d in placement.devices))
+
+
+def _n_work_items(glacier_set) -> int:
+    """The number of work items (batches, or glaciers) the set runs in."""
+    if hasattr(glacier_set, "batches"):
+        return len(glacier_set.batches())
+    return len(getattr(glacier_set, "names", ())) or 1
+
+
 def _check_finite(value, what: str, glacier: str, epoch: int) -> None:
     if not np.all(np.isfinite(value)):
         raise TrainingError(
@@ -202,10 +228,16 @@ def _work_items(glacier_set):
     return list(names), [(i,) for i in range(len(names))], load_one
 
 
+def progress_note(text: str) -> None:
+    """A line above any progress bar, on stderr with the bars: stdout stays for results (a
+    script may print JSON there)."""
+    tqdm.write(text, file=sys.stderr)
+
+
 def announce_compile(what: str, describe: str, number: int = 0, total: int = 0) -> float:
     """Say above any progress bar that XLA compiles now (it can take minutes that would look
     like a hang); returns the start time for the "compiled in" line."""
-    tqdm.write(f"compiling {what} for {describe}" + (f" ({number} of {total})…" if total else "…"))
+    progress_note(f"compiling {what} for {describe}" + (f" ({number} of {total})…" if total else "…"))
     return time.perf_counter()
 
 
@@ -266,7 +298,7 @@ def evaluate_glaciers(fn, trainable, static, glacier_set, with_grad: bool,
                 t0 = announce_compile(what, describe, counter["new"], counter["total"]) if announce else None
                 pending.append((j, fn(*replica, arrays)))  # traces and compiles, then dispatches
                 if t0 is not None:
-                    tqdm.write(f"  compiled in {time.perf_counter() - t0:.1f} s")
+                    progress_note(f"  compiled in {time.perf_counter() - t0:.1f} s")
             del arrays
             while len(pending) >= window:
                 finish()
@@ -404,27 +436,38 @@ def train(
     log = Log(config.log_path, state.epoch if resumed else None)
     handover = last_training_years(train_set, val_set) if carried else None
 
-    def validate(trainable, epoch, t0, before=None):
-        """Mean validation data loss of ``trainable`` ("carried": continuing ``before``'s pass)."""
+    def validate(trainable, epoch, t0=None, before=None, where=placement):
+        """Mean validation data loss of ``trainable`` ("carried": continuing ``before``'s pass);
+        its log rows take the time since ``t0`` (None: the epoch's time, set when it closes)."""
         if carried:
             pairs = _Listed([(name, (np.int32(handover[name]), arrays)) for name, arrays in val_set()])
             results = evaluate_glaciers(carried_loss, (before, trainable), static, pairs, False,
-                                        placement, verbose=config.show_progress).results
+                                        where, verbose=config.show_progress).results
         else:
-            results = evaluate_glaciers(value, trainable, static, val_set, False, placement,
+            results = evaluate_glaciers(value, trainable, static, val_set, False, where,
                                         verbose=config.show_progress).results
         losses = []
         for r in results:
             _check_finite(r.terms["data_loss"], "validation loss", r.name, epoch)
             losses.append(r.terms["data_loss"])
-            log.add(log_row(epoch, r.name, "val", r.loss, r.terms, time.perf_counter() - t0))
+            log.add(log_row(epoch, r.name, "val", r.loss, r.terms, None if t0 is None else time.perf_counter() - t0))
         if not losses:
             raise TrainingError("no validation glaciers: the validation set is empty")
         return float(np.mean(losses))
 
+    # Epoch e's validation needs only the parameters after step e, and so does epoch e+1's
+    # gradient: where it pays (``overlaps_validation``) the validation runs in a background
+    # thread, on the devices the gradient leaves idle, while the next gradient is computed.
+    # Epoch e is closed (log, best parameters, checkpoint) only after its validation, in the
+    # same order as without overlap, so the results and files are the same. XLA compiles a
+    # function once per device it runs on, so the epoch-0 validation runs there too.
+    overlap = config.overlap_validation
+    if overlap is None:
+        overlap = overlaps_validation(placement)
+    val_placement = placement.shifted(_n_work_items(train_set)) if overlap else placement
     if not resumed and not carried:
         t0 = time.perf_counter()
-        state.best_val = validate(state.trainable, 0, t0)
+        state.best_val = validate(state.trainable, 0, t0, where=val_placement)
         state.best_epoch = 0
         if main:
             save_params(eqx.combine(state.best_trainable, static), config.params_path)
@@ -432,25 +475,22 @@ def train(
             if config.checkpoint:
                 state.save(ckpt)
 
-    bar = tqdm(range(state.epoch + 1, config.epochs + 1), desc=f"training {config.params_path.stem}",
-               disable=not (config.show_progress and main), initial=state.epoch, total=config.epochs)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        grads, results = epoch_gradient(value_and_grad, state.trainable, static, train_set, placement, epoch,
-                                        verbose=config.show_progress)
-        for r in results:
-            log.add(log_row(epoch, r.name, "train", r.loss, r.terms, None))
-        before = state.trainable
-        updates, opt_state = optimiser.update(grads, state.opt_state, state.trainable)
-        state.trainable = eqx.apply_updates(state.trainable, updates)
-        state.opt_state = opt_state
-        val = validate(state.trainable, epoch, t0, before)
-        state.epoch = epoch
+    pool = ThreadPoolExecutor(1, thread_name_prefix="validation") if overlap else None
+    pending = None  # the epoch waiting for its validation: (epoch, results, future or value)
+    last_closed = time.perf_counter()
+
+    def close_epoch():
+        """Record the pending epoch: its validation loss, best parameters, log and checkpoint."""
+        nonlocal pending, last_closed
+        epoch, results, val = pending
+        pending = None
+        val = val.result() if hasattr(val, "result") else val
         if val < state.best_val:
             state.best_val, state.best_epoch, state.best_trainable = val, epoch, state.trainable
             if main:
                 save_params(eqx.combine(state.best_trainable, static), config.params_path)
-        elapsed = time.perf_counter() - t0
+        now = time.perf_counter()
+        elapsed, last_closed = now - last_closed, now  # with overlap: the epoch's share of the time
         log.set_epoch_time(epoch, elapsed)
         if main:
             log.flush()
@@ -458,6 +498,40 @@ def train(
                 state.save(ckpt)
         bar.set_postfix(train=f"{sum(r.loss for r in results):.4f}", val=f"{val:.4f}",
                         best=f"{state.best_val:.4f}@{state.best_epoch}", s=f"{elapsed:.2f}")
+        bar.update(1)
+
+    bar = tqdm(total=config.epochs, initial=state.epoch, desc=f"training {config.params_path.stem}",
+               disable=not (config.show_progress and main))
+    try:
+        for epoch in range(state.epoch + 1, config.epochs + 1):
+            grads, results = epoch_gradient(value_and_grad, state.trainable, static, train_set, placement,
+                                            epoch, verbose=config.show_progress)
+            if pending is not None:
+                close_epoch()
+            for r in results:
+                log.add(log_row(epoch, r.name, "train", r.loss, r.terms, None))
+            before = state.trainable
+            updates, opt_state = optimiser.update(grads, state.opt_state, state.trainable)
+            state.trainable = eqx.apply_updates(state.trainable, updates)
+            state.opt_state = opt_state
+            state.epoch = epoch
+            if pool is None:
+                pending = (epoch, results, validate(state.trainable, epoch, None, before))
+                close_epoch()
+            else:
+                pending = (epoch, results, pool.submit(validate, state.trainable, epoch, None, before, val_placement))
+        if pending is not None:
+            close_epoch()
+    finally:
+        # An error in epoch e+1's gradient still closes epoch e (its parameters are good).
+        if pending is not None:
+            try:
+                close_epoch()
+            except Exception:
+                pass  # the error already on its way out is the one to report
+        if pool is not None:
+            pool.shutdown(wait=True)
+        bar.close()
     if main and not math.isfinite(state.best_val):  # "carried" with no epoch run: keep the start
         save_params(eqx.combine(state.best_trainable, static), config.params_path)
     distributed.sync("glaunti-train-end")

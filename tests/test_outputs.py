@@ -132,9 +132,11 @@ def test_inference_says_when_it_compiles(tiny_twin, capsys, monkeypatch):
     arrays = make_arrays(tensors)
     first = list(inference.iter_daily_smb(skeleton("a"), arrays, tensors))
     height, width = arrays.shape
-    assert f"compiling model A inference for {height}×{width}…" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert f"compiling model A inference for {height}×{width}…" in said.err
+    assert not said.out  # stdout stays for results (summarise.py prints JSON there)
     again = list(inference.iter_daily_smb(skeleton("a"), arrays, tensors))
-    assert "compiling" not in capsys.readouterr().out
+    assert "compiling" not in capsys.readouterr().err
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(first, again))
 
 

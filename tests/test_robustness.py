@@ -367,11 +367,17 @@ def _poison(monkeypatch, epoch: int, glacier: int, what: str, snapshot: Path, se
     monkeypatch.setattr(core.training, "make_loss_and_grad", patched)
 
 
-@pytest.mark.parametrize("what, epoch, glacier", [("loss", 2, 1), ("gradient", 1, 0)])
-def test_non_finite_training_stops_and_keeps_params(small, tmp_path, monkeypatch, capsys, what, epoch, glacier):
+@pytest.mark.parametrize("what, epoch, glacier, overlap", [("loss", 2, 1, False), ("gradient", 1, 0, False),
+                                                           ("loss", 2, 1, True)])
+def test_non_finite_training_stops_and_keeps_params(small, tmp_path, monkeypatch, capsys, what, epoch, glacier,
+                                                    overlap):
+    """With ``overlap``, epoch 1's validation runs beside epoch 2's failing gradient: epoch 1
+    is still closed (logged with its validation, its parameters kept) before the error is
+    reported."""
     train_names = _train_names(small)
     params, log = tmp_path / "a.eqx", tmp_path / "a.csv"
     seen = {}
+    monkeypatch.setattr(core.training, "overlaps_validation", lambda placement: overlap)
     # One glacier per batch, so that the poisoned call is one glacier's (a batch's gradient is
     # the sum over its glaciers and could only name all of them).
     monkeypatch.setenv("GLAUNTI_BATCH_BYTES", "1")
@@ -382,12 +388,30 @@ def test_non_finite_training_stops_and_keeps_params(small, tmp_path, monkeypatch
     assert code == 2
     expected = "training loss" if what == "loss" else "gradient"
     assert f"non-finite {expected} for glacier '{train_names[glacier]}' at epoch {epoch}" in line
-    assert params.read_bytes() == seen["params"]  # the last good parameters, untouched
+    if not overlap:  # (with overlap, epoch 1 was closed after the snapshot: its file differs)
+        assert params.read_bytes() == seen["params"]  # the last good parameters, untouched
     model = load_model("a", params)  # readable and finite
     assert all(np.isfinite(np.asarray(v)) for v in model.stored().values())
-    epochs = {int(r["epoch"]) for r in csv.DictReader(open(log))}
-    assert max(epochs) == epoch - 1  # the failed epoch is not logged
+    rows = list(csv.DictReader(open(log)))
+    assert max(int(r["epoch"]) for r in rows) == epoch - 1  # the failed epoch is not logged
+    assert any(r["subset"] == "val" and int(r["epoch"]) == epoch - 1 for r in rows)
     assert not _temporaries(tmp_path)
+
+
+def test_overlapped_validation_changes_no_number(small, tmp_path, monkeypatch):
+    """Validation beside the next epoch's gradient (a background thread) gives the same params
+    file and log rows as validation in turn."""
+    def run(folder, overlap):
+        monkeypatch.setattr(core.training, "overlaps_validation", lambda placement: overlap)
+        assert train_a.main(["--data_folder", str(small), "--epochs", "3", "--learning_rate", "0.05",
+                             "--quiet", "--params_path", str(folder / "a.eqx"),
+                             "--log_path", str(folder / "a.csv")]) == 0
+
+    run(tmp_path / "in_turn", False)
+    run(tmp_path / "overlapped", True)
+    assert (tmp_path / "in_turn" / "a.eqx").read_bytes() == (tmp_path / "overlapped" / "a.eqx").read_bytes()
+    assert _rows(tmp_path / "in_turn" / "a.csv") == _rows(tmp_path / "overlapped" / "a.csv")
+    assert {r[0][1] for r in _rows(tmp_path / "overlapped" / "a.csv")} == {"0", "1", "2", "3"}
 
 
 def test_params_that_produce_nan_stop_finetuning(tiny_twin, tmp_path, capsys):
