@@ -8,6 +8,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= data/demo
 OUT_DIR ?= outputs/demo
+# Test worker processes (pytest-xdist): one per core, at most 4 (each holds its own JAX, ~2.5 GB).
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ "$$n" -gt 4 ] && n=4; echo $$n)
 
 .PHONY: demo test install clean-demo
 
@@ -23,7 +25,7 @@ demo: install
 	$(PY) -m core.demo --data_folder $(DEMO_DIR) --out_dir $(OUT_DIR)
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean-demo:
 	rm -rf $(DEMO_DIR) $(OUT_DIR)

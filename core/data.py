@@ -234,6 +234,81 @@ def plan_batches(shapes: Sequence[GlacierShape], budget: int, passes: int | None
     return sorted(out, key=lambda b: min(b.indices))  # one glacier per batch: the set's order
 
 
+def assign_devices(batches: Sequence[Batch], n_devices: int, passes: int = 1,
+                   compile_cell_days: float = COMPILE_CELL_DAYS) -> list[int]:
+    """The local device (index) each batch runs on.
+
+    XLA compiles a function once for every device it runs on, so a batch shape spread over N
+    devices compiles N times. A device's time is ``passes`` × its batches' computed cell-days
+    plus ``compile_cell_days`` per signature it runs (each device has its own core, so devices
+    compile in parallel). Of two plans the one that finishes first (ties: the first):
+    whole shape classes, largest first, each on the least loaded device, then single batches
+    moved off the busiest device while that finishes sooner; or batch by batch, largest
+    first, each where it finishes first (classes split freely: balance over many passes).
+    Deterministic; placement never changes a result (gradients are summed in batch order)."""
+    n = max(1, n_devices)
+    work = [float(passes * b.grid[0] * b.grid[1] * b.block_length * b.walked_years * len(b.indices))
+            for b in batches]
+    signature = [b.signature for b in batches]
+
+    def loads(device):
+        total = [0.0] * n
+        for d, sigs in enumerate(_signatures_by_device(device, signature, n)):
+            total[d] = len(sigs) * compile_cell_days
+        for j, d in enumerate(device):
+            total[d] += work[j]
+        return total
+
+    # Whole classes, then single moves off the busiest device.
+    classes: dict[tuple, list[int]] = {}
+    for j in range(len(batches)):
+        classes.setdefault(signature[j], []).append(j)
+    whole = [0] * len(batches)
+    load = [0.0] * n
+    for members in sorted(classes.values(), key=lambda m: (-sum(work[j] for j in m), m[0])):
+        d = min(range(n), key=lambda d: (load[d], d))
+        load[d] += compile_cell_days + sum(work[j] for j in members)
+        for j in members:
+            whole[j] = d
+    for _ in range(len(batches) * n):
+        load = loads(whole)
+        src = max(range(n), key=lambda d: (load[d], -d))
+        move = None
+        for j in sorted((j for j in range(len(batches)) if whole[j] == src), key=lambda j: (work[j], j)):
+            for dst in sorted(range(n), key=lambda d: (load[d], d)):
+                if dst != src:
+                    trial = whole[:j] + [dst] + whole[j + 1:]
+                    if max(loads(trial)[d] for d in (src, dst)) < load[src]:
+                        move = trial
+                        break
+            if move:
+                break
+        if move is None:
+            break
+        whole = move
+
+    # Batch by batch.
+    free = [0] * len(batches)
+    load = [0.0] * n
+    compiled: list[set] = [set() for _ in range(n)]
+    for j in sorted(range(len(batches)), key=lambda j: (-work[j], j)):
+        def finish(d, j=j):
+            return load[d] + work[j] + (0.0 if signature[j] in compiled[d] else compile_cell_days)
+
+        d = min(range(n), key=lambda d: (finish(d), d))
+        load[d] = finish(d)
+        compiled[d].add(signature[j])
+        free[j] = d
+    return whole if max(loads(whole), default=0.0) <= max(loads(free), default=0.0) else free
+
+
+def _signatures_by_device(device: Sequence[int], signature: Sequence[tuple], n: int) -> list[set]:
+    out: list[set] = [set() for _ in range(n)]
+    for j, d in enumerate(device):
+        out[d].add(signature[j])
+    return out
+
+
 def on_gpu(device=None) -> bool:
     device = device if device is not None else jax.local_devices()[0]
     return device.platform != "cpu"
@@ -283,6 +358,10 @@ class GlacierSet:
         if self._plan is None:
             self._plan = self.plan(on_gpu() if self.target is None else self.target == "gpu")
         return self._plan
+
+    def device_indices(self, n_devices: int) -> list[int]:
+        """The local device (index) of each batch (:func:`assign_devices`)."""
+        return assign_devices(self.batches(), n_devices, self.passes)
 
     def iter_batches(self, placed: Sequence[tuple[int, object]]) -> Iterator[tuple[int, Batch, GlacierBatch]]:
         """``(b, batch, GlacierBatch)`` for the given ``(batch index, device)`` pairs."""

@@ -2,7 +2,8 @@
 
 Calibration and inference spread glaciers over all devices JAX sees. Work item ``i`` (a batch
 of glaciers in training, ``core.data``, or one glacier; in a fixed order) belongs to process
-``i % P`` and, inside it, to local device ``(i // P) % n_local``. Each process computes the
+``i % P`` and, inside it, to local device ``(i // P) % n_local`` (with one process, training
+batches go where ``core.data.assign_devices`` puts them: a shape compiles once per device). Each process computes the
 losses and gradients of its own items (JAX's asynchronous dispatch keeps all its devices busy),
 the results are gathered to every process, and the gradients are summed on the host in the
 fixed item order. Batches depend only on the glaciers and a memory budget, never on the devices,
@@ -137,15 +138,17 @@ def is_main_process() -> bool:
 
 class Placement:
     """Work item (batch or glacier) ``i`` of a fixed list → its process and its local device
-    (round-robin, starting ``offset`` items further on: a second list that runs alongside the
+    (as assigned, else round-robin; starting ``offset`` items further on: a second list that runs alongside the
     first, like the validation glaciers beside the next epoch's gradient, then starts on the
     devices the first list leaves idle)."""
 
-    def __init__(self, devices=None, offset: int = 0):
+    def __init__(self, devices=None, offset: int = 0, assignment=None):
         self.devices = list(jax.local_devices() if devices is None else devices)
         self.n_processes = jax.process_count()
         self.process = jax.process_index()
         self.offset = int(offset)
+        # Local device index per item (one process only), e.g. ``core.data.assign_devices``.
+        self.assignment = None if assignment is None else list(assignment)
 
     def owner(self, i: int) -> int:
         return (i + self.offset) % self.n_processes
@@ -154,11 +157,18 @@ class Placement:
         return self.owner(i) == self.process
 
     def device(self, i: int):
+        if self.assignment is not None:
+            return self.devices[(self.assignment[i] + self.offset) % len(self.devices)]
         return self.devices[((i + self.offset) // self.n_processes) % len(self.devices)]
 
     def shifted(self, offset: int) -> "Placement":
         """The same devices and processes, items starting ``offset`` further on."""
-        return Placement(self.devices, self.offset + offset)
+        return Placement(self.devices, self.offset + offset, self.assignment)
+
+    def assigned(self, assignment) -> "Placement":
+        """Items on the given local devices (by index, still shifted by the offset); ignored
+        across processes, where items go round-robin."""
+        return Placement(self.devices, self.offset, assignment if self.n_processes == 1 else None)
 
     def local_indices(self, n: int) -> list[int]:
         return [i for i in range(n) if self.is_local(i)]

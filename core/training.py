@@ -19,7 +19,8 @@ gradient of their sum), as many per batch as a memory budget allows. One compile
 batch shape, reused every epoch; its first call says that it compiles. Other sets (fine-tuning's
 single glacier) run glacier by glacier.
 
-Batches are spread over every local device and, with ``jax.distributed``, over processes
+Batches are spread over every local device (``core.data.assign_devices``: a shape compiles
+once per device it runs on) and, with ``jax.distributed``, over processes
 (``core.distributed``): each batch's losses and gradient are computed on its device, JAX's
 asynchronous dispatch keeps the devices busy concurrently, and the batch gradients are summed
 on the host in the fixed batch order. Batches depend only on the glaciers and the memory budget,
@@ -256,6 +257,8 @@ def evaluate_glaciers(fn, trainable, static, glacier_set, with_grad: bool,
     gathered. The first call of a new compiled shape is announced (``verbose``, process 0).
     """
     placement = placement or distributed.Placement()
+    if hasattr(glacier_set, "device_indices") and placement.assignment is None:
+        placement = placement.assigned(glacier_set.device_indices(len(placement.devices)))
     names, items, load = _work_items(glacier_set)
     local: dict[int, tuple] = {}
     treedefs = []

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import PUBLISHED, reference_path
-from core.data import GlacierSet, GlacierShape, plan_batches
+from core.data import GlacierSet, GlacierShape, assign_devices, plan_batches
 from core.loss import batch_loss, glacier_loss
 from core.models import load_model, trainable_filter
 from core.training import evaluate_glaciers, make_loss_and_grad, sum_gradients
@@ -113,6 +113,24 @@ def test_cpu_batches_weigh_compiles_against_padding():
     rows = [_shape(i, ("cells",) + key[1:], (1, n), 1) for i, n in enumerate((128, 160, 160, 1024))]
     plan = plan_batches(rows, 10**9, passes=50, compile_cell_days=50 * 32 * 16 * 1.5)
     assert [b.grid for b in plan] == [(1, 160), (1, 160), (1, 160), (1, 1024)]
+
+
+def test_device_assignment_weighs_compiles_against_balance():
+    """A shape class stays on one device unless splitting it over the devices saves more time
+    than its extra compile; several small classes go to different devices."""
+    key = ("grid", (3, 8), (2048, 16), 1)
+    shapes = [_shape(0, key, (24, 16), 1), _shape(1, key, (24, 16), 1), _shape(2, key, (24, 24), 1),
+              _shape(3, key, (24, 24), 1)]
+    plan = plan_batches(shapes, 10**9, passes=1, compile_cell_days=1.0)  # one batch per glacier, own grids
+    assert [b.grid for b in plan] == [(24, 16), (24, 16), (24, 24), (24, 24)]
+    per_pass = [b.grid[0] * b.grid[1] * 16 for b in plan]  # 16 days each
+    # Compiles dear: each class whole on one device, the larger first.
+    assert assign_devices(plan, 2, passes=1, compile_cell_days=10 * sum(per_pass)) == [1, 1, 0, 0]
+    # Compiles cheap against many passes: every class split over both devices.
+    assert assign_devices(plan, 2, passes=100, compile_cell_days=1.0) == [0, 1, 0, 1]
+    assert assign_devices(plan, 1, passes=100) == [0, 0, 0, 0]
+    # Idle devices compile in parallel: each glacier on its own.
+    assert sorted(assign_devices(plan, 4, passes=1, compile_cell_days=10 * sum(per_pass))) == [0, 1, 2, 3]
 
 
 def _expected():
