@@ -3,10 +3,10 @@
 Calibration and inference spread glaciers over all devices JAX sees. Work item ``i`` (a batch
 of glaciers in training, ``core.data``, or one glacier; in a fixed order) belongs to process
 ``i % P`` and, inside it, to local device ``(i // P) % n_local`` (with one process, training
-batches go where ``core.data.assign_devices`` puts them: a shape compiles once per device). Each process computes the
-losses and gradients of its own items (JAX's asynchronous dispatch keeps all its devices busy),
-the results are gathered to every process, and the gradients are summed on the host in the
-fixed item order. Batches depend only on the glaciers and a memory budget, never on the devices,
+batches go where ``core.data.assign_devices`` puts them: a shape compiles once per device).
+Each process computes the losses and gradients of its own items (JAX's asynchronous dispatch
+keeps all its devices busy), the results are gathered to every process, and the gradients are
+summed on the host in the fixed item order. Batches depend only on the glaciers and a memory budget, never on the devices,
 so the sum is bit-identical whatever the number of devices and processes, and every process ends
 an epoch with the same parameters; only process 0 writes files.
 
@@ -138,9 +138,9 @@ def is_main_process() -> bool:
 
 class Placement:
     """Work item (batch or glacier) ``i`` of a fixed list → its process and its local device
-    (as assigned, else round-robin; starting ``offset`` items further on: a second list that runs alongside the
-    first, like the validation glaciers beside the next epoch's gradient, then starts on the
-    devices the first list leaves idle)."""
+    (as assigned, else round-robin; ``offset`` items further on: a second list that runs
+    beside the first, like the validation glaciers beside the next epoch's gradient, then
+    starts on the devices the first list leaves idle)."""
 
     def __init__(self, devices=None, offset: int = 0, assignment=None):
         self.devices = list(jax.local_devices() if devices is None else devices)
