@@ -6,9 +6,10 @@ of glaciers in training, ``core.data``, or one glacier; in a fixed order) belong
 batches go where ``core.data.assign_devices`` puts them: a shape compiles once per device).
 Each process computes the losses and gradients of its own items (JAX's asynchronous dispatch
 keeps all its devices busy), the results are gathered to every process, and the gradients are
-summed on the host in the fixed item order. Batches depend only on the glaciers and a memory budget, never on the devices,
-so the sum is bit-identical whatever the number of devices and processes, and every process ends
-an epoch with the same parameters; only process 0 writes files.
+summed on the host in the fixed item order. Batches depend only on the glaciers and a memory
+budget, never on the devices, so the sum is bit-identical whatever the number of devices and
+processes, and every process ends an epoch with the same parameters; only process 0 writes
+files.
 
 Environment (read by :func:`setup`, which the scripts call before any computation):
 
