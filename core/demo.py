@@ -14,7 +14,7 @@ from pathlib import Path
 from core.cli import main_wrapper
 from core.io import atomic_write_json, atomic_write_text
 from core.models import DESCRIPTIONS, EPOCHS, MODELS, STARTS_FROM
-from core.run import calibrate, infer_and_evaluate
+from core.run import calibrate, infer_and_evaluate_many
 from core.summarise import format_table, summarise
 from dataloader import Dataset
 from dataloader.synthetic import PRESETS
@@ -108,10 +108,10 @@ def main(argv=None):
         print(f"model {model.upper()}: {epochs} epochs in {time.perf_counter() - t0:.1f} s, "
               f"best validation loss {state.best_val:.4f} at epoch {state.best_epoch}", flush=True)
         eval_folders[model] = out / "eval" / model
-        for glacier in dataset.test_names:
-            infer_and_evaluate(model, glacier, out / "smb" / model / f"{glacier}.nc",
-                               eval_folders[model] / f"{glacier}.json", params_path=params,
-                               data_folder=data)
+        tests = dataset.test_names
+        infer_and_evaluate_many(model, tests, [out / "smb" / model / f"{g}.nc" for g in tests],
+                                [eval_folders[model] / f"{g}.json" for g in tests], params_path=params,
+                                data_folder=data)
 
     summary = summarise([eval_folders[m] for m in eval_folders])
     summary = {f"{m.upper()} ({DESCRIPTIONS[m]})": v for m, v in zip(eval_folders, summary.values())}

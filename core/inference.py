@@ -9,10 +9,11 @@ writer buffers one block of file chunks (at most MAP_VALUES values).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import equinox as eqx
 import jax
@@ -25,13 +26,12 @@ import xarray as xr
 from core.distributed import map_glaciers  # noqa: F401  (inference spreads glaciers over devices)
 from core.io import atomic_path
 from core.training import announce_compile, progress_note
-from glaunti.glacier import GlacierArrays, initial_state, walk_years, year_step
+from glaunti.glacier import GlacierArrays, GlacierBatch, initial_state, walk_years, year_step
 
 SMB_VARIABLE = "smb"
 
 
-@eqx.filter_jit
-def _spun_up(model, arrays):
+def _spin_up(model, arrays):
     """The state after the spin-up years, from the cold start (the engine's year walk)."""
     state = initial_state(model, arrays)
     if arrays.n_spinup:
@@ -39,14 +39,77 @@ def _spun_up(model, arrays):
     return state
 
 
-@eqx.filter_jit
-def _series_step(model, arrays, k, state):
+def _series(model, arrays, k, state):
     state, _, _, series = year_step(model, arrays, k, state, series=True)
     return state, series
 
 
+_spun_up = eqx.filter_jit(_spin_up)
+_series_step = eqx.filter_jit(_series)
+
+
+@eqx.filter_jit
+def _spun_up_batch(model, arrays):
+    """:func:`_spin_up` of every glacier of a stacked batch (leading axis)."""
+    return jax.vmap(lambda a: _spin_up(model, a))(arrays)
+
+
+@eqx.filter_jit
+def _series_step_batch(model, arrays, k, state):
+    """Year ``k`` of every glacier of a stacked batch: (states, series (B, T, H, W))."""
+    return jax.vmap(lambda a, s: _series(model, a, k, s))(arrays, state)
+
+
 # (model type, array shapes) whose inference functions this process has compiled.
 _COMPILED: set = set()
+
+
+def _announce(model, arrays, describe: str) -> float | None:
+    """Say that a new inference shape compiles (the first time only); the start time or None."""
+    key = (type(model), tuple(np.shape(x) for x in jax.tree_util.tree_leaves(arrays)))
+    if key in _COMPILED:
+        return None
+    _COMPILED.add(key)
+    return announce_compile(f"model {getattr(model, 'kind', '?')} inference", describe)
+
+
+class Calendar:
+    """Places one glacier's study years, as the model runs them, on the calendar.
+
+    :meth:`add` takes year k's daily series (T, H, W) and returns the ``(first_day, smb)``
+    pieces of consecutive days that are final; :meth:`finish` returns the rest. A day shared by
+    two balance years (a year boundary) holds the sum of both; days between two years that no
+    year models hold 0, with a warning."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+        self.pending_day, self.pending = None, None
+
+    def add(self, k: int, series: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        tensors = self.tensors
+        begin, end = int(tensors.begin_day[k]), int(tensors.end_day[k])
+        year = np.zeros((end - begin + 1,) + series.shape[1:], dtype=np.float32)
+        valid = np.asarray(tensors.day_valid[k])
+        np.add.at(year, np.asarray(tensors.day_index[k])[valid] - begin, series[valid])
+        out = []
+        pending = self.pending
+        if pending is not None:
+            overlap = self.pending_day + len(pending) - begin
+            if overlap > 0:
+                year[:overlap] += pending[len(pending) - overlap:]
+                pending = pending[: len(pending) - overlap]
+            elif overlap < 0:
+                warnings.warn(f"{tensors.name}: {-overlap} day(s) between balance years "
+                              f"{int(tensors.years[k]) - 1} and {int(tensors.years[k])} are not modelled; "
+                              "they hold 0 in the daily output", stacklevel=3)
+                pending = np.concatenate([pending, np.zeros((-overlap,) + pending.shape[1:], np.float32)])
+            if len(pending):
+                out.append((self.pending_day, pending))
+        self.pending_day, self.pending = begin, year
+        return out
+
+    def finish(self) -> list[tuple[int, np.ndarray]]:
+        return [] if self.pending is None else [(self.pending_day, self.pending)]
 
 
 def iter_daily_smb(model, arrays: GlacierArrays, tensors, verbose: bool = True
@@ -54,41 +117,66 @@ def iter_daily_smb(model, arrays: GlacierArrays, tensors, verbose: bool = True
     """Yield ``(first_day, smb)`` chunks of consecutive calendar days covering the study period;
     ``smb`` is (n, H, W) float32 m w.e. per day, ``first_day`` a climate-day index. The first
     glacier of a new shape says that it compiles (``verbose``)."""
-    key = (type(model), tuple(np.shape(x) for x in jax.tree_util.tree_leaves(arrays)))
-    t0 = None
-    if key not in _COMPILED:
-        _COMPILED.add(key)
-        if verbose:
-            height, width = arrays.shape
-            t0 = announce_compile(f"model {getattr(model, 'kind', '?')} inference", f"{height}×{width}")
+    height, width = arrays.shape
+    t0 = _announce(model, arrays, f"{height}×{width}") if verbose else None
     state = _spun_up(model, arrays)
-    study = range(arrays.n_spinup, len(tensors.years))
-    pending_day, pending = None, None
-    for k in study:
+    calendar = Calendar(tensors)
+    for k in range(arrays.n_spinup, len(tensors.years)):
         state, series = _series_step(model, arrays, jnp.int32(k), state)  # traced k: one compile
         series = np.asarray(series)
         if t0 is not None:
             progress_note(f"  compiled and ran its first year in {time.perf_counter() - t0:.1f} s")
             t0 = None
-        begin, end = int(tensors.begin_day[k]), int(tensors.end_day[k])
-        year = np.zeros((end - begin + 1,) + series.shape[1:], dtype=np.float32)
-        valid = np.asarray(tensors.day_valid[k])
-        np.add.at(year, np.asarray(tensors.day_index[k])[valid] - begin, series[valid])
-        if pending is not None:
-            overlap = pending_day + len(pending) - begin
-            if overlap > 0:
-                year[:overlap] += pending[len(pending) - overlap:]
-                pending = pending[: len(pending) - overlap]
-            elif overlap < 0:
-                warnings.warn(f"{tensors.name}: {-overlap} day(s) between balance years "
-                              f"{int(tensors.years[k]) - 1} and {int(tensors.years[k])} are not modelled; "
-                              "they hold 0 in the daily output", stacklevel=2)
-                pending = np.concatenate([pending, np.zeros((-overlap,) + pending.shape[1:], np.float32)])
-            if len(pending):
-                yield pending_day, pending
-        pending_day, pending = begin, year
-    if pending is not None:
-        yield pending_day, pending
+        yield from calendar.add(k, series)
+    yield from calendar.finish()
+
+
+def write_daily_smb_batch(model, batch: GlacierBatch, tensors: Sequence, paths: Sequence, model_name: str,
+                          verbose: bool = True) -> list[tuple[int, int]]:
+    """The daily SMB NetCDF files of the glaciers of one stacked batch (``core.data``: grids
+    padded to the batch's, years and days to its buckets), run as one vmapped computation (a
+    batch of one without vmap). ``tensors`` and ``paths`` follow the batch's glaciers. Each file
+    holds its glacier's own grid and days, as :func:`write_netcdf` writes them; all or none
+    are written. Returns (first_day, number of days) per file."""
+    arrays = batch.arrays
+    size = arrays.day_valid.shape[0]
+    if len(tensors) != size or len(paths) != size:
+        raise ValueError(f"a batch of {size} glaciers needs as many tensors and paths, got "
+                         f"{len(tensors)} and {len(paths)}")
+    height, width = arrays.climate_cell.shape[-2:]
+    t0 = _announce(model, arrays, f"{height}×{width}, {size} glacier{'s' if size > 1 else ''}") if verbose else None
+    if size == 1:  # no vmap: the same numbers, cheaper on a CPU
+        one = jax.tree_util.tree_map(lambda a: a[0], arrays)
+        state = _spun_up(model, one)
+
+        def step(k, state):
+            state, series = _series_step(model, one, k, state)
+            return state, series[None]
+    else:
+        state = _spun_up_batch(model, arrays)
+
+        def step(k, state):
+            return _series_step_batch(model, arrays, k, state)
+
+    calendars = [Calendar(t) for t in tensors]
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(DailySMBFile(stack.enter_context(atomic_path(p)), t, model_name))
+                 for p, t in zip(paths, tensors)]
+        for k in range(arrays.n_spinup, max(len(t.years) for t in tensors)):
+            state, series = step(jnp.int32(k), state)
+            series = np.asarray(series)
+            if t0 is not None:
+                progress_note(f"  compiled and ran its first year in {time.perf_counter() - t0:.1f} s")
+                t0 = None
+            for i, t in enumerate(tensors):
+                if k < len(t.years):
+                    own = series[i, :, : len(t.y), : len(t.x)]
+                    for day, data in calendars[i].add(k, own):
+                        files[i].add(day, data)
+        for calendar, file in zip(calendars, files):
+            for day, data in calendar.finish():
+                file.add(day, data)
+    return [(f.first_day, f.n_days) for f in files]
 
 
 def daily_dates(tensors, first_day: int, n: int) -> np.ndarray:
@@ -165,39 +253,18 @@ def _grid_mapping_attrs(crs_wkt: str, x: np.ndarray, y: np.ndarray) -> dict:
     return attrs
 
 
-def _blocks(chunks: Iterator[tuple[int, np.ndarray]], days: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Regroup consecutive ``(first_day, (n, H, W))`` pieces into blocks of exactly ``days``
-    days (the last may be shorter), so that each chunk of the file is compressed once; holds
-    at most one block plus one piece."""
-    start, buffer, held = None, [], 0
-    for day, data in chunks:
-        if start is None:
-            start = day
-        elif day != start + held:
-            raise ValueError(f"daily SMB piece starts at day {day}, expected {start + held} "
-                             "(pieces must be consecutive)")
-        buffer.append(data)
-        held += len(data)
-        while held >= days:
-            joined = np.concatenate(buffer) if len(buffer) > 1 else buffer[0]
-            yield start, joined[:days]
-            rest = joined[days:]
-            start, buffer, held = start + days, [rest] if len(rest) else [], len(rest)
-    if held:
-        yield start, np.concatenate(buffer)
+class DailySMBFile:
+    """A CF-compliant daily SMB NetCDF file being written: :meth:`add` takes pieces of
+    consecutive days and writes them in blocks of whole file chunks (:func:`chunk_shape`), so
+    that each chunk is compressed once; at most one block plus one piece is held. A context
+    manager: the file is complete when it closes (give it a temporary path, ``atomic_path``)."""
 
-
-def write_netcdf(path, tensors, chunks: Iterator[tuple[int, np.ndarray]], model_name: str) -> tuple[int, int]:
-    """Stream daily SMB chunks into a CF-compliant NetCDF file (atomically).
-
-    ``chunks`` yields ``(first_day, smb)`` pieces of consecutive days as :func:`iter_daily_smb`
-    does; they are written in blocks of whole file chunks (:func:`chunk_shape`).
-    Returns (first_day, number of days) written.
-    """
-    first_day, n_days = None, 0
-    layout = chunk_shape(len(tensors.y), len(tensors.x))
-    with atomic_path(path) as tmp:
-        with netCDF4.Dataset(tmp, "w", format="NETCDF4") as nc:
+    def __init__(self, path, tensors, model_name: str):
+        self.first_day, self.n_days = None, 0
+        self._buffer, self._held = [], 0
+        self._layout = chunk_shape(len(tensors.y), len(tensors.x))
+        self._nc = nc = netCDF4.Dataset(path, "w", format="NETCDF4")
+        try:
             nc.createDimension("time", None)
             nc.createDimension("y", len(tensors.y))
             nc.createDimension("x", len(tensors.x))
@@ -211,17 +278,60 @@ def write_netcdf(path, tensors, chunks: Iterator[tuple[int, np.ndarray]], model_
                 var[:] = values
                 var.setncatts({"standard_name": f"projection_{name}_coordinate", "units": "m",
                                "axis": name.upper(), "long_name": f"{name} coordinate of cell centre"})
-            time = nc.createVariable("time", "i4", ("time",), chunksizes=(layout[0],))
-            time.setncatts({"standard_name": "time", "axis": "T", "long_name": "day",
-                            "units": f"days since {np.datetime_as_string(tensors.first_date, unit='D')}",
-                            "calendar": "proleptic_gregorian"})
-            smb = nc.createVariable(SMB_VARIABLE, "f4", ("time", "y", "x"), zlib=True, shuffle=True,
-                                    complevel=4, fill_value=np.float32(np.nan), chunksizes=layout)
-            smb.setncatts(_smb_attrs())
-            for day, data in _blocks(chunks, layout[0]):
-                if first_day is None:
-                    first_day = day
-                time[n_days: n_days + len(data)] = np.arange(day, day + len(data), dtype=np.int32)
-                smb[n_days: n_days + len(data)] = data
-                n_days += len(data)
-    return first_day, n_days
+            self._time = nc.createVariable("time", "i4", ("time",), chunksizes=(self._layout[0],))
+            self._time.setncatts({"standard_name": "time", "axis": "T", "long_name": "day",
+                                  "units": f"days since {np.datetime_as_string(tensors.first_date, unit='D')}",
+                                  "calendar": "proleptic_gregorian"})
+            self._smb = nc.createVariable(SMB_VARIABLE, "f4", ("time", "y", "x"), zlib=True, shuffle=True,
+                                          complevel=4, fill_value=np.float32(np.nan), chunksizes=self._layout)
+            self._smb.setncatts(_smb_attrs())
+        except BaseException:
+            nc.close()
+            raise
+
+    def add(self, day: int, data: np.ndarray) -> None:
+        """Append ``data`` (n, H, W) for the days from ``day`` on (consecutive with the last)."""
+        if self.first_day is None:
+            self.first_day = day
+        elif day != self.first_day + self.n_days + self._held:
+            raise ValueError(f"daily SMB piece starts at day {day}, expected "
+                             f"{self.first_day + self.n_days + self._held} (pieces must be consecutive)")
+        self._buffer.append(data)
+        self._held += len(data)
+        days = self._layout[0]
+        while self._held >= days:
+            joined = np.concatenate(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
+            self._write(joined[:days])
+            rest = joined[days:]
+            self._buffer, self._held = [rest] if len(rest) else [], len(rest)
+
+    def _write(self, data: np.ndarray) -> None:
+        start = self.first_day + self.n_days
+        self._time[self.n_days: self.n_days + len(data)] = np.arange(start, start + len(data), dtype=np.int32)
+        self._smb[self.n_days: self.n_days + len(data)] = data
+        self.n_days += len(data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        try:
+            if kind is None and self._held:
+                self._write(np.concatenate(self._buffer))
+                self._buffer, self._held = [], 0
+        finally:
+            self._nc.close()
+        return False
+
+
+def write_netcdf(path, tensors, chunks: Iterator[tuple[int, np.ndarray]], model_name: str) -> tuple[int, int]:
+    """Stream daily SMB chunks into a CF-compliant NetCDF file (atomically).
+
+    ``chunks`` yields ``(first_day, smb)`` pieces of consecutive days as :func:`iter_daily_smb`
+    does; they are written in blocks of whole file chunks (:class:`DailySMBFile`).
+    Returns (first_day, number of days) written.
+    """
+    with atomic_path(path) as tmp, DailySMBFile(tmp, tensors, model_name) as file:
+        for day, data in chunks:
+            file.add(day, data)
+    return file.first_day, file.n_days

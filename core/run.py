@@ -10,7 +10,7 @@ import constants
 from core import distributed
 from core.data import GlacierSet, with_study_years
 from core.evaluation import evaluate
-from core.inference import SMB_VARIABLE, iter_daily_smb, write_netcdf
+from core.inference import SMB_VARIABLE, iter_daily_smb, write_daily_smb_batch, write_netcdf
 from core.io import atomic_write_json, check_output_paths
 from core.models import (
     DEFAULT_SEED,
@@ -88,6 +88,50 @@ def infer_and_evaluate(model_name: str, glacier: str, smb_path, eval_path, param
     result = evaluate_smb_file(tensors, smb_path, years)
     atomic_write_json(eval_path, result)
     return result
+
+
+def inference_layout(model) -> str | None:
+    """The layout in which glaciers of different grids can share an inference batch:
+    "padded_grid" for a model whose outputs ignore cells beyond ``grid_size`` (C, D), "padded"
+    for a cell-independent one (A, B: a padded cell changes no other); None: glacier by
+    glacier on the exact grid."""
+    if getattr(model, "pads_grid", False):
+        return "padded_grid"
+    return "padded" if model.cell_independent else None
+
+
+def infer_and_evaluate_many(model_name: str, glaciers, smb_paths, eval_paths, params_path=None,
+                            data_folder=None, model=None, years=None) -> list[dict]:
+    """:func:`infer_and_evaluate` of several glaciers, batched as training batches them
+    (``core.data.GlacierSet``): on a GPU the glaciers of one grid bucket run as one vmapped
+    computation, on a CPU one at a time in shape classes that share a compiled function. The
+    files are those of the glacier run alone, up to float32 rounding where a batch pads C/D's
+    grid (the masked corrector; docs/performance.md). Returns the evaluation dicts in order."""
+    glaciers, smb_paths, eval_paths = list(glaciers), list(smb_paths), list(eval_paths)
+    if not len(glaciers) == len(smb_paths) == len(eval_paths):
+        raise ValueError(f"{len(glaciers)} glaciers need as many SMB and evaluation paths, got "
+                         f"{len(smb_paths)} and {len(eval_paths)}")
+    for smb_path, eval_path in zip(smb_paths, eval_paths):
+        check_output_paths(smb_path=smb_path, eval_path=eval_path)
+    distributed.setup()
+    dataset = Dataset(resolve_data_folder(data_folder))
+    for glacier in glaciers:
+        dataset.info(glacier)  # an unknown name fails before anything is loaded
+    if model is None:
+        model = load_model(model_name, resolve_params_path(model_name, params_path))
+    layout = inference_layout(model)
+    if layout is None:
+        return [infer_and_evaluate(model_name, g, s, e, data_folder=dataset.folder, model=model, years=years)
+                for g, s, e in zip(glaciers, smb_paths, eval_paths)]
+    glacier_set = GlacierSet(dataset, glaciers, uses_facies(model_name), layout=layout)
+    results: list = [None] * len(glaciers)
+    for _, batch, arrays in glacier_set.iter_batches([(b, None) for b in range(len(glacier_set.batches()))]):
+        tensors = [dataset.glacier(glaciers[i]) for i in batch.indices]
+        write_daily_smb_batch(model, arrays, tensors, [smb_paths[i] for i in batch.indices], model_name)
+        for i, glacier_tensors in zip(batch.indices, tensors):
+            results[i] = evaluate_smb_file(glacier_tensors, smb_paths[i], years)
+            atomic_write_json(eval_paths[i], results[i])
+    return results
 
 
 def evaluate_smb_file(tensors, smb_path, years=None) -> dict:

@@ -15,7 +15,7 @@ import pytest
 import xarray as xr
 
 import infer_and_evaluate
-from core.inference import CHUNK_VALUES, MAP_VALUES, _blocks, chunk_shape, infer, write_netcdf
+from core.inference import CHUNK_VALUES, MAP_VALUES, DailySMBFile, chunk_shape, infer, write_netcdf
 from core.io import atomic_write, atomic_write_json, atomic_write_text
 from core.models import skeleton
 from dataloader import Dataset
@@ -153,17 +153,26 @@ def test_chunk_shape(grid, chunk):
     assert (rows, cols) == grid or days * rows * cols <= CHUNK_VALUES
 
 
-def test_blocks_regroup_pieces_into_whole_chunks():
-    days = np.arange(100, 100 + 23, dtype=np.float32)[:, None, None] * np.ones((1, 2, 3), np.float32)
-    pieces, start = [], 100
-    for n in (4, 3, 9, 1, 6):
-        pieces.append((start, days[start - 100: start - 100 + n]))
-        start += n
-    blocks = list(_blocks(iter(pieces), 5))
-    assert [(day, len(data)) for day, data in blocks] == [(100, 5), (105, 5), (110, 5), (115, 5), (120, 3)]
-    np.testing.assert_array_equal(np.concatenate([data for _, data in blocks]), days)
-    with pytest.raises(ValueError, match="starts at day 9, expected 8"):
-        list(_blocks(iter([(5, days[:3]), (9, days[:2])]), 5))
+def test_pieces_are_written_in_whole_chunks(tiny_twin, tmp_path):
+    """Pieces of any length are regrouped into blocks of the file's chunk length in days (each
+    chunk compressed once); pieces must be consecutive."""
+    tensors = Dataset(tiny_twin).glacier(Dataset(tiny_twin).names[0])
+    shape = (len(tensors.y), len(tensors.x))
+    days = np.arange(100, 100 + 23, dtype=np.float32)[:, None, None] * np.ones((1,) + shape, np.float32)
+    written = []
+    with DailySMBFile(tmp_path / "smb.nc", tensors, "a") as file:
+        file._layout = (5,) + shape  # 5-day chunks, to see the regrouping
+        real_write = file._write
+        file._write = lambda data: (written.append((file.first_day + file.n_days, len(data))), real_write(data))
+        start = 100
+        for n in (4, 3, 9, 1, 6):
+            file.add(start, days[start - 100: start - 100 + n])
+            start += n
+        with pytest.raises(ValueError, match="starts at day 124, expected 123"):
+            file.add(124, days[:2])
+    assert written == [(100, 5), (105, 5), (110, 5), (115, 5), (120, 3)]
+    with xr.open_dataset(tmp_path / "smb.nc") as ds:
+        np.testing.assert_array_equal(ds["smb"].values, days)
 
 
 # ---------------------------------------------------------------------------------------------

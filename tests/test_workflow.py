@@ -191,3 +191,18 @@ def test_scripts_have_help():
         out = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         assert "--data_folder" in out.stdout or script == "summarise.py"
+
+
+def test_demo_runs_end_to_end_on_a_tiny_twin(tiny_twin, tmp_path, capsys):
+    """`make demo`'s job, scaled down (model A, one epoch, no real glacier): every test glacier
+    gets its daily SMB file and evaluation (batched inference), and the summary is written."""
+    from core import demo
+
+    out = tmp_path / "out"
+    assert demo.main(["--data_folder", str(tiny_twin), "--out_dir", str(out), "--models", "a",
+                      "--epochs_scale", "0.02", "--no_real", "--quiet"]) == 0
+    tests = Dataset(tiny_twin).test_names
+    assert tests and sorted(p.stem for p in (out / "smb" / "a").glob("*.nc")) == sorted(tests)
+    assert sorted(p.stem for p in (out / "eval" / "a").glob("*.json")) == sorted(tests)
+    assert "point" in (out / "summary.txt").read_text()
+    assert "Test glaciers" in capsys.readouterr().out
