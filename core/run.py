@@ -125,6 +125,7 @@ def infer_and_evaluate_many(model_name: str, glaciers, smb_paths, eval_paths, pa
                 for g, s, e in zip(glaciers, smb_paths, eval_paths)]
     glacier_set = GlacierSet(dataset, glaciers, uses_facies(model_name), layout=layout)
     results: list = [None] * len(glaciers)
+    # Batches in turn on the default device: NetCDF/HDF5 writes are not safe from several threads.
     for _, batch, arrays in glacier_set.iter_batches([(b, None) for b in range(len(glacier_set.batches()))]):
         tensors = [dataset.glacier(glaciers[i]) for i in batch.indices]
         write_daily_smb_batch(model, arrays, tensors, [smb_paths[i] for i in batch.indices], model_name)
