@@ -4,7 +4,9 @@ The state (SWE or GRU hidden state) is spun up over 1990–1994 and carried thro
 years; each study year is run in the series regime and its days are placed on the calendar.
 Days covered by two periods (the midseason day, a shared year boundary) hold the sum of both
 half-weighted values. Only about one year of daily fields is in memory at a time: the NetCDF
-writer buffers one block of file chunks (at most MAP_VALUES values).
+writer buffers one block of file chunks (at most MAP_VALUES values). The glaciers of a training
+batch (``core.data``) can run as one vmapped computation, each written to its own file
+(:func:`write_daily_smb_batch`).
 """
 
 from __future__ import annotations
@@ -64,13 +66,13 @@ def _series_step_batch(model, arrays, k, state):
 _COMPILED: set = set()
 
 
-def _announce(model, arrays, describe: str) -> float | None:
-    """Say that a new inference shape compiles (the first time only); the start time or None."""
+def _announce(model, arrays, describe: str, verbose: bool) -> float | None:
+    """Note a new inference shape and, ``verbose``, say that it compiles; the start time or None."""
     key = (type(model), tuple(np.shape(x) for x in jax.tree_util.tree_leaves(arrays)))
     if key in _COMPILED:
         return None
     _COMPILED.add(key)
-    return announce_compile(f"model {getattr(model, 'kind', '?')} inference", describe)
+    return announce_compile(f"model {getattr(model, 'kind', '?')} inference", describe) if verbose else None
 
 
 class Calendar:
@@ -118,7 +120,7 @@ def iter_daily_smb(model, arrays: GlacierArrays, tensors, verbose: bool = True
     ``smb`` is (n, H, W) float32 m w.e. per day, ``first_day`` a climate-day index. The first
     glacier of a new shape says that it compiles (``verbose``)."""
     height, width = arrays.shape
-    t0 = _announce(model, arrays, f"{height}×{width}") if verbose else None
+    t0 = _announce(model, arrays, f"{height}×{width}", verbose)
     state = _spun_up(model, arrays)
     calendar = Calendar(tensors)
     for k in range(arrays.n_spinup, len(tensors.years)):
@@ -144,7 +146,7 @@ def write_daily_smb_batch(model, batch: GlacierBatch, tensors: Sequence, paths: 
         raise ValueError(f"a batch of {size} glaciers needs as many tensors and paths, got "
                          f"{len(tensors)} and {len(paths)}")
     height, width = arrays.climate_cell.shape[-2:]
-    t0 = _announce(model, arrays, f"{height}×{width}, {size} glacier{'s' if size > 1 else ''}") if verbose else None
+    t0 = _announce(model, arrays, f"{height}×{width}, {size} glacier{'s' if size > 1 else ''}", verbose)
     if size == 1:  # no vmap: the same numbers, cheaper on a CPU
         one = jax.tree_util.tree_map(lambda a: a[0], arrays)
         state = _spun_up(model, one)
