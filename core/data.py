@@ -338,6 +338,7 @@ class GlacierSet:
         self._resident_batches: dict[int, GlacierBatch] = {}
         self._used = 0
         self._plan: list[Batch] | None = None
+        self._devices: dict[int, list[int]] = {}
         self._shapes: list[GlacierShape] | None = None
 
     def _host(self, tensors) -> dict:
@@ -360,8 +361,11 @@ class GlacierSet:
         return self._plan
 
     def device_indices(self, n_devices: int) -> list[int]:
-        """The local device (index) of each batch (:func:`assign_devices`)."""
-        return assign_devices(self.batches(), n_devices, self.passes)
+        """The local device (index) of each batch (:func:`assign_devices`; computed once, not
+        every epoch)."""
+        if n_devices not in self._devices:
+            self._devices[n_devices] = assign_devices(self.batches(), n_devices, self.passes)
+        return self._devices[n_devices]
 
     def iter_batches(self, placed: Sequence[tuple[int, object]]) -> Iterator[tuple[int, Batch, GlacierBatch]]:
         """``(b, batch, GlacierBatch)`` for the given ``(batch index, device)`` pairs."""
