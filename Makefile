@@ -25,7 +25,7 @@ demo: install
 	$(PY) -m core.demo --data_folder $(DEMO_DIR) --out_dir $(OUT_DIR)
 
 test: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 clean-demo:
 	rm -rf $(DEMO_DIR) $(OUT_DIR)

@@ -47,6 +47,7 @@ from core.run import (
     evaluate_smb_file,
     finetune,
     infer_and_evaluate,
+    infer_and_evaluate_many,
 )
 from core.summarise import SummaryError, format_spread_table, format_table, pool_folders, spread
 from dataloader.dataset import Dataset, resolve_data_folder
@@ -270,17 +271,29 @@ class FoldRun:
                   log_path=self.folder / "logs" / f"{model}.csv", seed=self.plan.seed, resume=True,
                   init_params_path=start, show_progress=self.show_progress,
                   test_fold=self.rotation.test, val_fold=self.rotation.val)
-        for name in self.owned:
-            full = self.folder / "eval" / model / f"{name}.json"
+        def full(name):
+            return self.folder / "eval" / model / f"{name}.json"
+
+        def local(name):
+            return self.folder / "local" / "eval" / model / f"{name}.json"
+
+        def smb(name):
+            return self.folder / "smb" / model / f"{name}.nc"
+
+        todo = [name for name in self.owned
+                if not (full(name).exists() and (self.windows[name] is None or local(name).exists()))]
+        if not todo:
+            return
+        # One batched inference of the test glaciers (a shared scan on a GPU, shared compiles on
+        # a CPU); the evaluation over the local baseline's years then re-reads each SMB file.
+        infer_and_evaluate_many(model, todo, [smb(n) for n in todo], [full(n) for n in todo],
+                                params_path=params, data_folder=self.dataset.folder)
+        for name in todo:
             window = self.windows[name]
-            local = self.folder / "local" / "eval" / model / f"{name}.json"
-            if full.exists() and (window is None or local.exists()):
-                continue
-            smb = self.folder / "smb" / model / f"{name}.nc"
-            infer_and_evaluate(model, name, smb, full, params_path=params, data_folder=self.dataset.folder)
             if window is not None:
-                atomic_write_json(local, evaluate_smb_file(self.dataset.glacier(name), smb, window.evaluation))
-            self._drop(smb)
+                atomic_write_json(local(name), evaluate_smb_file(self.dataset.glacier(name), smb(name),
+                                                                 window.evaluation))
+            self._drop(smb(name))
 
     def _local_baseline(self) -> None:
         """Fine-tune this fold's A on each test glacier's own early years, evaluate it on the
