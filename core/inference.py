@@ -6,13 +6,16 @@ Days covered by two periods (the midseason day, a shared year boundary) hold the
 half-weighted values. Only about one year of daily fields is in memory at a time: the NetCDF
 writer buffers one block of file chunks (at most MAP_VALUES values). The glaciers of a training
 batch (``core.data``) can run as one vmapped computation, each written to its own file
-(:func:`write_daily_smb_batch`).
+(:func:`write_daily_smb_batch`), and the batches of a glacier set on several devices at once
+(:func:`write_daily_smb_batches`; the files are written from one thread).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import queue
+import threading
 import time
 import warnings
 from typing import Iterator, Sequence
@@ -26,6 +29,7 @@ import pyproj
 import xarray as xr
 
 from core.distributed import map_glaciers  # noqa: F401  (inference spreads glaciers over devices)
+from core.data import COMPILE_CELL_DAYS
 from core.io import atomic_path
 from core.training import announce_compile, progress_note
 from glaunti.glacier import GlacierArrays, GlacierBatch, initial_state, walk_years, year_step
@@ -133,18 +137,16 @@ def iter_daily_smb(model, arrays: GlacierArrays, tensors, verbose: bool = True
     yield from calendar.finish()
 
 
-def write_daily_smb_batch(model, batch: GlacierBatch, tensors: Sequence, paths: Sequence, model_name: str,
-                          verbose: bool = True) -> list[tuple[int, int]]:
-    """The daily SMB NetCDF files of the glaciers of one stacked batch (``core.data``: grids
-    padded to the batch's, years and days to its buckets), run as one vmapped computation (a
-    batch of one without vmap). ``tensors`` and ``paths`` follow the batch's glaciers. Each file
-    holds its glacier's own grid and days, as :func:`write_netcdf` writes them; all or none
-    are written. Returns (first_day, number of days) per file."""
+def batch_series(model, batch: GlacierBatch, tensors: Sequence, verbose: bool = True
+                 ) -> Iterator[tuple[int, np.ndarray]]:
+    """``(k, daily SMB (B, L, H, W) of year k)`` of a stacked batch (``core.data``: grids padded
+    to the batch's, years and days to its buckets), study year by study year, computed on the
+    batch's device as one vmapped computation (a batch of one without vmap). ``tensors`` follow
+    the batch's glaciers."""
     arrays = batch.arrays
     size = arrays.day_valid.shape[0]
-    if len(tensors) != size or len(paths) != size:
-        raise ValueError(f"a batch of {size} glaciers needs as many tensors and paths, got "
-                         f"{len(tensors)} and {len(paths)}")
+    if len(tensors) != size:
+        raise ValueError(f"a batch of {size} glaciers needs as many tensors, got {len(tensors)}")
     height, width = arrays.climate_cell.shape[-2:]
     t0 = _announce(model, arrays, f"{height}×{width}, {size} glacier{'s' if size > 1 else ''}", verbose)
     if size == 1:  # no vmap: the same numbers, cheaper on a CPU
@@ -160,25 +162,172 @@ def write_daily_smb_batch(model, batch: GlacierBatch, tensors: Sequence, paths: 
         def step(k, state):
             return _series_step_batch(model, arrays, k, state)
 
-    calendars = [Calendar(t) for t in tensors]
-    with contextlib.ExitStack() as stack:
-        files = [stack.enter_context(DailySMBFile(stack.enter_context(atomic_path(p)), t, model_name))
-                 for p, t in zip(paths, tensors)]
-        for k in range(arrays.n_spinup, max(len(t.years) for t in tensors)):
-            state, series = step(jnp.int32(k), state)
-            series = np.asarray(series)
-            if t0 is not None:
-                progress_note(f"  compiled and ran its first year in {time.perf_counter() - t0:.1f} s")
-                t0 = None
-            for i, t in enumerate(tensors):
-                if k < len(t.years):
-                    own = series[i, :, : len(t.y), : len(t.x)]
-                    for day, data in calendars[i].add(k, own):
-                        files[i].add(day, data)
-        for calendar, file in zip(calendars, files):
-            for day, data in calendar.finish():
-                file.add(day, data)
-    return [(f.first_day, f.n_days) for f in files]
+    for k in range(arrays.n_spinup, max(len(t.years) for t in tensors)):
+        state, series = step(jnp.int32(k), state)
+        series = np.asarray(series)
+        if t0 is not None:
+            progress_note(f"  compiled and ran its first year in {time.perf_counter() - t0:.1f} s")
+            t0 = None
+        yield k, series
+
+
+class BatchFiles:
+    """The daily SMB files of one batch's glaciers, fed year by year (:meth:`add`) with what
+    :func:`batch_series` yields; each file holds its glacier's own grid and days, as
+    :func:`write_netcdf` writes them. A context manager: all files are committed when it closes
+    without an error, none otherwise. ``spans`` then holds (first_day, number of days) per file."""
+
+    def __init__(self, tensors: Sequence, paths: Sequence, model_name: str):
+        if len(paths) != len(tensors):
+            raise ValueError(f"{len(tensors)} glaciers need as many paths, got {len(paths)}")
+        self.tensors, self.paths, self.model_name = list(tensors), list(paths), model_name
+        self.spans: list[tuple[int, int]] = []
+
+    def __enter__(self) -> BatchFiles:
+        with contextlib.ExitStack() as stack:
+            self._files = [stack.enter_context(DailySMBFile(stack.enter_context(atomic_path(p)), t,
+                                                            self.model_name))
+                           for p, t in zip(self.paths, self.tensors)]
+            self._calendars = [Calendar(t) for t in self.tensors]
+            self._stack = stack.pop_all()
+        return self
+
+    def add(self, k: int, series: np.ndarray) -> None:
+        """Year k's daily SMB of the batch (B, L, H, W), each glacier cropped to its own grid."""
+        for i, t in enumerate(self.tensors):
+            if k < len(t.years):
+                own = series[i, :, : len(t.y), : len(t.x)]
+                for day, data in self._calendars[i].add(k, own):
+                    self._files[i].add(day, data)
+
+    def __exit__(self, kind, value, traceback):
+        if kind is not None:  # an error: every temporary file is removed
+            self._stack.__exit__(kind, value, traceback)
+            return False
+        try:
+            for calendar, file in zip(self._calendars, self._files):
+                for day, data in calendar.finish():
+                    file.add(day, data)
+        except BaseException as err:
+            self._stack.__exit__(type(err), err, err.__traceback__)
+            raise
+        self._stack.close()
+        self.spans = [(f.first_day, f.n_days) for f in self._files]
+        return False
+
+
+def write_daily_smb_batch(model, batch: GlacierBatch, tensors: Sequence, paths: Sequence, model_name: str,
+                          verbose: bool = True) -> list[tuple[int, int]]:
+    """The daily SMB NetCDF files of the glaciers of one stacked batch (:func:`batch_series`,
+    :class:`BatchFiles`): all or none are written. Returns (first_day, number of days) per file."""
+    with BatchFiles(tensors, paths, model_name) as files:
+        for k, series in batch_series(model, batch, tensors, verbose):
+            files.add(k, series)
+    return files.spans
+
+
+# Where an inference's batches run (``core.data.assign_devices``): a forward pass costs about a
+# third of a gradient's arithmetic, so against the cell-days it would spread a compile weighs
+# three times the training figure.
+INFERENCE_COMPILE_CELL_DAYS = 3 * COMPILE_CELL_DAYS
+
+
+class _Stopped(Exception):
+    """A device thread was told to stop (another thread failed)."""
+
+
+def write_daily_smb_batches(model, glacier_set, paths: Sequence, model_name: str, written=None,
+                            devices=None, verbose: bool = True) -> None:
+    """:func:`write_daily_smb_batch` for every batch of ``glacier_set`` (``core.data.GlacierSet``;
+    ``paths`` follow its glaciers), the batches spread over the local ``devices`` as training
+    spreads them (``GlacierSet.device_indices``, a compile weighed as
+    :data:`INFERENCE_COMPILE_CELL_DAYS`). One thread per device computes; this thread
+    writes every file, because NetCDF/HDF5 is not safe from several threads. At most two years
+    per device wait to be written. ``written(batch, tensors)`` is called (here) once a batch's
+    files are committed. A failure stops every device and leaves none of the unfinished
+    batches' files."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    plan = glacier_set.batches()
+
+    def glacier_tensors(batch):
+        return [glacier_set.dataset.glacier(glacier_set.names[i]) for i in batch.indices]
+
+    if len(devices) <= 1 or len(plan) <= 1:
+        for _, batch, arrays in glacier_set.iter_batches([(b, None) for b in range(len(plan))]):
+            tensors = glacier_tensors(batch)
+            write_daily_smb_batch(model, arrays, tensors, [paths[i] for i in batch.indices], model_name, verbose)
+            if written is not None:
+                written(batch, tensors)
+        return
+
+    assignment = glacier_set.device_indices(len(devices), INFERENCE_COMPILE_CELL_DAYS)
+    pieces: queue.Queue = queue.Queue(maxsize=2 * len(devices))
+    stop = threading.Event()
+
+    def send(item):
+        while True:
+            try:
+                pieces.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                if stop.is_set():
+                    raise _Stopped from None
+
+    def work(d):
+        try:
+            with jax.default_device(devices[d]):
+                mine = [(b, devices[d]) for b in range(len(plan)) if assignment[b] == d]
+                for b, batch, arrays in glacier_set.iter_batches(mine):
+                    tensors = glacier_tensors(batch)
+                    send(("start", b, (batch, tensors)))
+                    for piece in batch_series(model, arrays, tensors, verbose):
+                        if stop.is_set():
+                            return
+                        send(("year", b, piece))
+                    send(("end", b, None))
+        except _Stopped:
+            return
+        except BaseException as err:  # reported, never swallowed: the writer re-raises it
+            with contextlib.suppress(_Stopped):
+                send(("error", None, err))
+        finally:
+            with contextlib.suppress(_Stopped):
+                send(("exit", d, None))
+
+    threads = [threading.Thread(target=work, args=(d,), name=f"glaunti-inference-{d}", daemon=True)
+               for d in sorted(set(assignment))]
+    for thread in threads:
+        thread.start()
+    files: dict[int, tuple[BatchFiles, object, list]] = {}
+    try:
+        running = len(threads)
+        while running:
+            kind, b, payload = pieces.get()
+            if kind == "start":
+                batch, tensors = payload
+                files[b] = (BatchFiles(tensors, [paths[i] for i in batch.indices], model_name).__enter__(),
+                            batch, tensors)
+            elif kind == "year":
+                files[b][0].add(*payload)
+            elif kind == "end":
+                batch_files, batch, tensors = files.pop(b)
+                batch_files.__exit__(None, None, None)
+                if written is not None:
+                    written(batch, tensors)
+            elif kind == "error":
+                raise payload
+            else:
+                running -= 1
+    except BaseException as err:
+        stop.set()
+        for batch_files, _, _ in files.values():
+            with contextlib.suppress(Exception):
+                batch_files.__exit__(type(err), err, err.__traceback__)
+        raise
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
 
 
 def daily_dates(tensors, first_day: int, n: int) -> np.ndarray:

@@ -10,7 +10,7 @@ import constants
 from core import distributed
 from core.data import GlacierSet, with_study_years
 from core.evaluation import evaluate
-from core.inference import SMB_VARIABLE, iter_daily_smb, write_daily_smb_batch, write_netcdf
+from core.inference import SMB_VARIABLE, iter_daily_smb, write_daily_smb_batches, write_netcdf
 from core.io import atomic_write_json, check_output_paths
 from core.models import (
     DEFAULT_SEED,
@@ -104,7 +104,9 @@ def infer_and_evaluate_many(model_name: str, glaciers, smb_paths, eval_paths, pa
                             data_folder=None, model=None, years=None) -> list[dict]:
     """:func:`infer_and_evaluate` of several glaciers, batched as training batches them
     (``core.data.GlacierSet``): on a GPU the glaciers of one grid bucket run as one vmapped
-    computation, on a CPU one at a time in shape classes that share a compiled function. The
+    computation, on a CPU one at a time in shape classes that share a compiled function; the
+    batches are spread over the local devices (one computing thread each, every file written
+    from this thread: ``core.inference.write_daily_smb_batches``). The
     files are those of the glacier run alone, up to float32 rounding where a batch pads C/D's
     grid (the masked corrector; docs/performance.md). Returns the evaluation dicts in order."""
     glaciers, smb_paths, eval_paths = list(glaciers), list(smb_paths), list(eval_paths)
@@ -125,13 +127,13 @@ def infer_and_evaluate_many(model_name: str, glaciers, smb_paths, eval_paths, pa
                 for g, s, e in zip(glaciers, smb_paths, eval_paths)]
     glacier_set = GlacierSet(dataset, glaciers, uses_facies(model_name), layout=layout)
     results: list = [None] * len(glaciers)
-    # Batches in turn on the default device: NetCDF/HDF5 writes are not safe from several threads.
-    for _, batch, arrays in glacier_set.iter_batches([(b, None) for b in range(len(glacier_set.batches()))]):
-        tensors = [dataset.glacier(glaciers[i]) for i in batch.indices]
-        write_daily_smb_batch(model, arrays, tensors, [smb_paths[i] for i in batch.indices], model_name)
+
+    def evaluate_batch(batch, tensors):
         for i, glacier_tensors in zip(batch.indices, tensors):
             results[i] = evaluate_smb_file(glacier_tensors, smb_paths[i], years)
             atomic_write_json(eval_paths[i], results[i])
+
+    write_daily_smb_batches(model, glacier_set, smb_paths, model_name, written=evaluate_batch)
     return results
 
 

@@ -195,3 +195,77 @@ def test_cell_chunking_is_exact(model_name, tiny_reference_dataset):
     np.testing.assert_allclose(float(chunked[0]), float(whole[0]), rtol=1e-6)
     for g, w in zip(jax.tree_util.tree_leaves(chunked[1]), jax.tree_util.tree_leaves(whole[1])):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=RTOL, atol=ATOL)
+
+
+INFER_MANY = """
+import hashlib, json, sys
+from pathlib import Path
+import jax, netCDF4, numpy as np
+import core.inference
+from core.run import infer_and_evaluate_many
+core.inference.INFERENCE_COMPILE_CELL_DAYS = 0.0  # every device gets batches
+from dataloader import Dataset
+out = Path(sys.argv[2])
+names = Dataset(sys.argv[1]).names
+results = infer_and_evaluate_many("a", names, [out / f"{n}.nc" for n in names], [out / f"{n}.json" for n in names],
+                                  params_path=sys.argv[3], data_folder=sys.argv[1])
+hashes = []
+for n in names:
+    with netCDF4.Dataset(out / f"{n}.nc") as nc:
+        hashes.append(hashlib.sha256(np.ascontiguousarray(nc["smb"][:].filled(np.nan)).tobytes()).hexdigest())
+print("MANY", json.dumps([jax.local_device_count(), hashes, results]), flush=True)
+"""
+
+
+def test_batched_inference_on_several_devices_writes_what_one_device_writes(tiny_reference_copy, tmp_path):
+    """infer_and_evaluate_many with its batches on 3 devices (three computing threads, the files
+    written from one) writes the same files and evaluations as on one device."""
+    outputs = []
+    for tag, devices in (("one", "1"), ("three", "3")):
+        env = _env(tmp_path, GLAUNTI_CPU_DEVICES=devices)
+        proc = subprocess.run([sys.executable, "-c", INFER_MANY, str(tiny_reference_copy), str(tmp_path / tag),
+                               str(PUBLISHED / "a.eqx")], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("MANY "))
+        outputs.append(json.loads(line[len("MANY "):]))
+    assert outputs[0][0] == 1 and outputs[1][0] == 3
+    assert outputs[0][1:] == outputs[1][1:]
+
+
+def test_a_failing_device_thread_leaves_no_unfinished_files(tiny_reference_copy, tmp_path, monkeypatch):
+    """An error while one device computes reaches the caller, stops the other threads, and leaves
+    neither the unfinished batches' files nor temporaries; batches already written stay whole."""
+    import jax
+
+    from core import inference
+    from core.data import GlacierSet
+    from core.run import inference_layout
+    from dataloader import Dataset
+
+    dataset = Dataset(tiny_reference_copy)
+    model = load_model("a", PUBLISHED / "a.eqx")
+    glaciers = GlacierSet(dataset, dataset.names, False, layout=inference_layout(model))
+    assert len(set(glaciers.device_indices(2, 0.0))) == 2  # two computing threads
+    failing = glaciers.batches()[-1].indices[0]
+    real = inference.batch_series
+
+    def batch_series(model, batch, tensors, verbose=True):
+        for n, piece in enumerate(real(model, batch, tensors, verbose)):
+            if n == 1 and tensors[0].name == dataset.names[failing]:
+                raise RuntimeError("device lost")
+            yield piece
+
+    monkeypatch.setattr(inference, "batch_series", batch_series)
+    monkeypatch.setattr(inference, "INFERENCE_COMPILE_CELL_DAYS", 0.0)  # both threads get batches
+    out = tmp_path / "smb"
+    out.mkdir()
+    paths = [out / f"{n}.nc" for n in dataset.names]
+    written = []
+    device = jax.local_devices()[0]
+    with pytest.raises(RuntimeError, match="device lost"):
+        inference.write_daily_smb_batches(model, glaciers, paths, "a", devices=[device, device],
+                                          written=lambda batch, tensors: written.extend(batch.indices),
+                                          verbose=False)
+    assert not (out / f"{dataset.names[failing]}.nc").exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{dataset.names[i]}.nc" for i in written)
