@@ -236,35 +236,28 @@ def plan_batches(shapes: Sequence[GlacierShape], budget: int, passes: int | None
 
 def assign_devices(batches: Sequence[Batch], n_devices: int, passes: int = 1,
                    compile_cell_days: float = COMPILE_CELL_DAYS) -> list[int]:
-    """The local device (index) of each batch.
+    """The local device (index) each batch runs on.
 
-    XLA compiles a function once for every device it runs on, so a shape class spread over N
-    devices compiles N times, and compiles do not finish sooner side by side (XLA's compiler
-    already uses every core: the demo's 4 test glaciers of one shape, inferred with model C,
-    took 14.9 s on one CPU device and 26.2 s split over two). A plan therefore costs
-    ``compile_cell_days`` per (device, signature) pair plus the busiest device's ``passes`` ×
-    computed cell-days. Of two plans the cheaper (ties: the first): whole shape classes, largest
-    first, each on the least loaded device, then single batches moved off the busiest device
-    while that costs less; or batch by batch, largest first, each where the plan costs least.
+    XLA compiles a function once for every device it runs on, so a batch shape spread over N
+    devices compiles N times. A device's time is ``passes`` × its batches' computed cell-days
+    plus ``compile_cell_days`` per signature it runs (each device has its own core, so devices
+    compile in parallel). Of two plans the one that finishes first (ties: the first):
+    whole shape classes, largest first, each on the least loaded device, then single batches
+    moved off the busiest device while that finishes sooner; or batch by batch, largest
+    first, each where it finishes first (classes split freely: balance over many passes).
     Deterministic; placement never changes a result (gradients are summed in batch order)."""
     n = max(1, n_devices)
     work = [float(passes * b.grid[0] * b.grid[1] * b.block_length * b.walked_years * len(b.indices))
             for b in batches]
     signature = [b.signature for b in batches]
 
-    def cost(device, members=range(len(batches))) -> float:
-        load = [0.0] * n
-        pairs = set()
-        for j in members:
-            load[device[j]] += work[j]
-            pairs.add((device[j], signature[j]))
-        return len(pairs) * compile_cell_days + max(load, default=0.0)
-
-    def loads(device) -> list[float]:
-        load = [0.0] * n
+    def loads(device):
+        total = [0.0] * n
+        for d, sigs in enumerate(_signatures_by_device(device, signature, n)):
+            total[d] = len(sigs) * compile_cell_days
         for j, d in enumerate(device):
-            load[d] += work[j]
-        return load
+            total[d] += work[j]
+        return total
 
     # Whole classes, then single moves off the busiest device.
     classes: dict[tuple, list[int]] = {}
@@ -274,19 +267,18 @@ def assign_devices(batches: Sequence[Batch], n_devices: int, passes: int = 1,
     load = [0.0] * n
     for members in sorted(classes.values(), key=lambda m: (-sum(work[j] for j in m), m[0])):
         d = min(range(n), key=lambda d: (load[d], d))
-        load[d] += sum(work[j] for j in members)
+        load[d] += compile_cell_days + sum(work[j] for j in members)
         for j in members:
             whole[j] = d
     for _ in range(len(batches) * n):
         load = loads(whole)
         src = max(range(n), key=lambda d: (load[d], -d))
-        now = cost(whole)
         move = None
         for j in sorted((j for j in range(len(batches)) if whole[j] == src), key=lambda j: (work[j], j)):
             for dst in sorted(range(n), key=lambda d: (load[d], d)):
                 if dst != src:
                     trial = whole[:j] + [dst] + whole[j + 1:]
-                    if cost(trial) < now:
+                    if max(loads(trial)[d] for d in (src, dst)) < load[src]:
                         move = trial
                         break
             if move:
@@ -297,14 +289,17 @@ def assign_devices(batches: Sequence[Batch], n_devices: int, passes: int = 1,
 
     # Batch by batch.
     free = [0] * len(batches)
-    order = sorted(range(len(batches)), key=lambda j: (-work[j], j))
-    for step, j in enumerate(order):
-        def placed_on(d, j=j, members=order[:step + 1]):
-            free[j] = d
-            return cost(free, members)
+    load = [0.0] * n
+    compiled: list[set] = [set() for _ in range(n)]
+    for j in sorted(range(len(batches)), key=lambda j: (-work[j], j)):
+        def finish(d, j=j):
+            return load[d] + work[j] + (0.0 if signature[j] in compiled[d] else compile_cell_days)
 
-        free[j] = min(range(n), key=lambda d: (placed_on(d), d))
-    return whole if cost(whole) <= cost(free) else free
+        d = min(range(n), key=lambda d: (finish(d), d))
+        load[d] = finish(d)
+        compiled[d].add(signature[j])
+        free[j] = d
+    return whole if max(loads(whole), default=0.0) <= max(loads(free), default=0.0) else free
 
 
 def _signatures_by_device(device: Sequence[int], signature: Sequence[tuple], n: int) -> list[set]:
@@ -343,7 +338,7 @@ class GlacierSet:
         self._resident_batches: dict[int, GlacierBatch] = {}
         self._used = 0
         self._plan: list[Batch] | None = None
-        self._devices: dict[tuple[int, float], list[int]] = {}
+        self._devices: dict[int, list[int]] = {}
         self._shapes: list[GlacierShape] | None = None
 
     def _host(self, tensors) -> dict:
@@ -365,13 +360,12 @@ class GlacierSet:
             self._plan = self.plan(on_gpu() if self.target is None else self.target == "gpu")
         return self._plan
 
-    def device_indices(self, n_devices: int, compile_cell_days: float = COMPILE_CELL_DAYS) -> list[int]:
+    def device_indices(self, n_devices: int) -> list[int]:
         """The local device (index) of each batch (:func:`assign_devices`; computed once, not
         every epoch)."""
-        key = (n_devices, compile_cell_days)
-        if key not in self._devices:
-            self._devices[key] = assign_devices(self.batches(), n_devices, self.passes, compile_cell_days)
-        return self._devices[key]
+        if n_devices not in self._devices:
+            self._devices[n_devices] = assign_devices(self.batches(), n_devices, self.passes)
+        return self._devices[n_devices]
 
     def iter_batches(self, placed: Sequence[tuple[int, object]]) -> Iterator[tuple[int, Batch, GlacierBatch]]:
         """``(b, batch, GlacierBatch)`` for the given ``(batch index, device)`` pairs."""

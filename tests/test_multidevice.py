@@ -203,7 +203,7 @@ from pathlib import Path
 import jax, netCDF4, numpy as np
 import core.inference
 from core.run import infer_and_evaluate_many
-core.inference.INFERENCE_COMPILE_CELL_DAYS = 0.0  # every device gets batches
+core.inference.inference_devices = lambda batches, n: [j % n for j in range(len(batches))]  # all busy
 from dataloader import Dataset
 out = Path(sys.argv[2])
 names = Dataset(sys.argv[1]).names
@@ -246,7 +246,7 @@ def test_a_failing_device_thread_leaves_no_unfinished_files(tiny_reference_copy,
     dataset = Dataset(tiny_reference_copy)
     model = load_model("a", PUBLISHED / "a.eqx")
     glaciers = GlacierSet(dataset, dataset.names, False, layout=inference_layout(model))
-    assert len(set(glaciers.device_indices(2, 0.0))) == 2  # two computing threads
+    assert len(glaciers.batches()) > 1  # two computing threads
     failing = glaciers.batches()[-1].indices[0]
     real = inference.batch_series
 
@@ -257,7 +257,7 @@ def test_a_failing_device_thread_leaves_no_unfinished_files(tiny_reference_copy,
             yield piece
 
     monkeypatch.setattr(inference, "batch_series", batch_series)
-    monkeypatch.setattr(inference, "INFERENCE_COMPILE_CELL_DAYS", 0.0)  # both threads get batches
+    monkeypatch.setattr(inference, "inference_devices", lambda batches, n: [j % n for j in range(len(batches))])
     out = tmp_path / "smb"
     out.mkdir()
     paths = [out / f"{n}.nc" for n in dataset.names]
