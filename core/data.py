@@ -376,6 +376,10 @@ class GlacierSet:
             if arrays is None:
                 hosts = [self._host(t) for t in self.dataset.iter_glaciers([self.names[i] for i in batch.indices])]
                 stacked = stack_host_arrays(hosts, batch.grid, batch.stakes, batch.loss_cells)
+                if self.layout != "padded_grid":
+                    # Only a model that pads grids (C/D) reads the flag; on a padded "cells" row
+                    # it would split one shape class into two compiled functions.
+                    stacked.pop("grid_padded", None)
                 arrays = GlacierBatch(to_device(stacked, device))
                 del hosts
                 size = nbytes(arrays)
