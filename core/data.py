@@ -247,8 +247,7 @@ def assign_devices(batches: Sequence[Batch], n_devices: int, passes: int = 1,
     first, each where it finishes first (classes split freely: balance over many passes).
     Deterministic; placement never changes a result (gradients are summed in batch order)."""
     n = max(1, n_devices)
-    work = [float(passes * b.grid[0] * b.grid[1] * b.block_length * b.walked_years * len(b.indices))
-            for b in batches]
+    work = _computed_cell_days(batches, passes)
     signature = [b.signature for b in batches]
 
     def loads(device):
@@ -260,16 +259,7 @@ def assign_devices(batches: Sequence[Batch], n_devices: int, passes: int = 1,
         return total
 
     # Whole classes, then single moves off the busiest device.
-    classes: dict[tuple, list[int]] = {}
-    for j in range(len(batches)):
-        classes.setdefault(signature[j], []).append(j)
-    whole = [0] * len(batches)
-    load = [0.0] * n
-    for members in sorted(classes.values(), key=lambda m: (-sum(work[j] for j in m), m[0])):
-        d = min(range(n), key=lambda d: (load[d], d))
-        load[d] += compile_cell_days + sum(work[j] for j in members)
-        for j in members:
-            whole[j] = d
+    whole = whole_classes(batches, n, passes, per_class=compile_cell_days)
     for _ in range(len(batches) * n):
         load = loads(whole)
         src = max(range(n), key=lambda d: (load[d], -d))
@@ -300,6 +290,31 @@ def assign_devices(batches: Sequence[Batch], n_devices: int, passes: int = 1,
         compiled[d].add(signature[j])
         free[j] = d
     return whole if max(loads(whole), default=0.0) <= max(loads(free), default=0.0) else free
+
+
+def whole_classes(batches: Sequence[Batch], n_devices: int, passes: int = 1,
+                  per_class: float = 0.0) -> list[int]:
+    """The local device (index) of each batch when shape classes are never split: classes by
+    decreasing computed cell-days, each on the device least loaded so far (ties: the lowest
+    index), a class loading it by its cell-days plus ``per_class`` (its compile)."""
+    n = max(1, n_devices)
+    work = _computed_cell_days(batches, passes)
+    classes: dict[tuple, list[int]] = {}
+    for j, batch in enumerate(batches):
+        classes.setdefault(batch.signature, []).append(j)
+    device, load = [0] * len(batches), [0.0] * n
+    for members in sorted(classes.values(), key=lambda m: (-sum(work[j] for j in m), m[0])):
+        d = min(range(n), key=lambda d: (load[d], d))
+        load[d] += per_class + sum(work[j] for j in members)
+        for j in members:
+            device[j] = d
+    return device
+
+
+def _computed_cell_days(batches: Sequence[Batch], passes: int) -> list[float]:
+    """Per batch, the cell-days its glaciers compute over ``passes`` runs."""
+    return [float(passes * b.grid[0] * b.grid[1] * b.block_length * b.walked_years * len(b.indices))
+            for b in batches]
 
 
 def _signatures_by_device(device: Sequence[int], signature: Sequence[tuple], n: int) -> list[set]:

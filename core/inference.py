@@ -28,6 +28,7 @@ import numpy as np
 import pyproj
 import xarray as xr
 
+from core.data import whole_classes
 from core.distributed import map_glaciers  # noqa: F401  (inference spreads glaciers over devices)
 from core.io import atomic_path
 from core.training import announce_compile, progress_note
@@ -226,21 +227,11 @@ def write_daily_smb_batch(model, batch: GlacierBatch, tensors: Sequence, paths: 
 
 
 def inference_devices(batches: Sequence, n_devices: int) -> list[int]:
-    """The local device (index) of each batch of an inference: whole shape classes, largest
-    first, each on the least loaded device. One pass does not pay for a class's second compile
+    """The local device (index) of each batch of an inference: whole shape classes
+    (``core.data.whole_classes``). One pass does not pay for a class's second compile
     (compiles side by side do not finish sooner either: the demo twin's 4 test glaciers of one
     shape with model C took 14.9 s on one CPU device, 26.2 s split over two)."""
-    classes: dict[tuple, list[int]] = {}
-    for j, batch in enumerate(batches):
-        classes.setdefault(batch.signature, []).append(j)
-    work = [b.grid[0] * b.grid[1] * b.block_length * b.walked_years * len(b.indices) for b in batches]
-    device, load = [0] * len(batches), [0] * max(1, n_devices)
-    for members in sorted(classes.values(), key=lambda m: (-sum(work[j] for j in m), m[0])):
-        d = min(range(len(load)), key=lambda d: (load[d], d))
-        load[d] += sum(work[j] for j in members)
-        for j in members:
-            device[j] = d
-    return device
+    return whole_classes(batches, n_devices)
 
 
 class _Stopped(Exception):
