@@ -128,8 +128,10 @@ class GlacierShape(NamedTuple):
 
 class Batch(NamedTuple):
     """One batch of a :class:`GlacierSet`: its glaciers' indices (largest first), the shape its
-    arrays are stacked to, and the years its year walk runs and the glaciers' own years with days
-    (each × L days)."""
+    arrays are stacked to, the years its year walk runs and the glaciers' own years with days
+    (each × L days), and whether its shape class holds a glacier padded to that shape
+    (``padded``: then every batch of the class runs a padding-aware model's padded path, so that
+    the class compiles one function, not one per path)."""
 
     indices: tuple[int, ...]
     key: tuple
@@ -139,11 +141,12 @@ class Batch(NamedTuple):
     block_length: int
     walked_years: int
     glacier_years: int
+    padded: bool = False
 
     @property
     def signature(self) -> tuple:
         """Equal for batches that run in the same compiled function."""
-        return self.key, self.grid, self.stakes, self.loss_cells, len(self.indices)
+        return self.key, self.grid, self.stakes, self.loss_cells, len(self.indices), self.padded
 
     def describe(self) -> str:
         grid = f"{self.grid[1]} cells" if self.key[0] == "cells" else f"{self.grid[0]}×{self.grid[1]}"
@@ -226,11 +229,13 @@ def plan_batches(shapes: Sequence[GlacierShape], budget: int, passes: int | None
                 if group and (alone or (len(group) + 1) * max(size, *(g for _, g in group)) > budget):
                     groups.append(group := [])
                 group.append((shape, size))
+            padded = dims is not None and any(m.dims != dims for m in group_members)
             for group in groups:
                 years = np.stack([m.years for m, _ in group])  # (B, Y)
                 grid = dims or _cover(m.dims for m, _ in group)
                 out.append(Batch(tuple(m.index for m, _ in group), key, grid, stakes, loss_cells,
-                                 int(key[1][1]), int(np.any(years, axis=0).sum()), int(years.sum())))
+                                 int(key[1][1]), int(np.any(years, axis=0).sum()), int(years.sum()),
+                                 padded or any(m.dims != grid for m, _ in group)))
     return sorted(out, key=lambda b: min(b.indices))  # one glacier per batch: the set's order
 
 
@@ -391,10 +396,12 @@ class GlacierSet:
             if arrays is None:
                 hosts = [self._host(t) for t in self.dataset.iter_glaciers([self.names[i] for i in batch.indices])]
                 stacked = stack_host_arrays(hosts, batch.grid, batch.stakes, batch.loss_cells)
-                if self.layout != "padded_grid":
-                    # Only a model that pads grids (C/D) reads the flag; on a padded "cells" row
-                    # it would split one shape class into two compiled functions.
-                    stacked.pop("grid_padded", None)
+                # Only a model that pads grids (C/D) reads the flag, a static field: set on a
+                # whole shape class, so that a glacier filling the class's grid runs the padded
+                # path too (equal to its own to float32 rounding) in the class's one function.
+                stacked.pop("grid_padded", None)
+                if self.layout == "padded_grid" and batch.padded:
+                    stacked["grid_padded"] = True
                 arrays = GlacierBatch(to_device(stacked, device))
                 del hosts
                 size = nbytes(arrays)

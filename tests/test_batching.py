@@ -108,13 +108,35 @@ def test_cpu_batches_weigh_compiles_against_padding():
     one = plan_batches(shapes, 10**9, passes=10, compile_cell_days=2 * 10 * extra + 1)
     assert [(b.indices, b.grid) for b in one] == [((i,), (24, 24)) for i in range(4)]
     assert len({b.signature for b in one}) == 1
+    # The class mixes padded glaciers and two that fill its grid: all four run the padded path.
+    assert all(b.padded for b in one)
     own = plan_batches(shapes, 10**9, passes=10, compile_cell_days=10 * 192 * 16 - 1)
     assert [b.grid for b in own] == [(24, 16), (16, 24), (24, 24), (24, 24)]
     assert len({b.signature for b in own}) == 3
+    assert not any(b.padded for b in own)
     assert not any(b.grid == (32, 32) for b in plan_batches(shapes, 10**9, 1, 1e12))  # own sides only
     rows = [_shape(i, ("cells",) + key[1:], (1, n), 1) for i, n in enumerate((128, 160, 160, 1024))]
     plan = plan_batches(rows, 10**9, passes=50, compile_cell_days=50 * 32 * 16 * 1.5)
     assert [b.grid for b in plan] == [(1, 160), (1, 160), (1, 160), (1, 1024)]
+
+
+def test_a_padded_class_runs_every_glacier_padded(tiny_reference_dataset):
+    """A batch of a class that holds padded glaciers carries ``grid_padded`` (C/D's padded
+    corrector) even where its glacier fills the class's grid, so that the class compiles one
+    function; without padding in the class it runs the exact path. A/B never see the flag."""
+    dataset = tiny_reference_dataset
+    height, width = make_arrays(dataset.glacier(dataset.names[0])).shape
+    for padded in (True, False):
+        glaciers = GlacierSet(dataset, dataset.names, False, layout="padded_grid")
+        exact = glaciers.batches()[0]._replace(indices=(0,), grid=(height, width))
+        glaciers._plan = [exact._replace(padded=padded)]
+        ((_, _, arrays),) = glaciers.iter_batches([(0, None)])
+        assert arrays.arrays.grid_padded is padded
+        assert arrays.arrays.climate_cell.shape[-2:] == (height, width)
+    cells = GlacierSet(dataset, dataset.names, False, layout="cells")
+    cells._plan = [cells.batches()[0]._replace(padded=True)]
+    ((_, _, arrays),) = cells.iter_batches([(0, None)])
+    assert not arrays.arrays.grid_padded
 
 
 def test_device_assignment_weighs_compiles_against_balance():
