@@ -170,6 +170,41 @@ def test_computed_channels_are_one_computation(tensors):
     np.testing.assert_allclose(on_fields, on_glacier, rtol=1e-5, atol=1e-5)
 
 
+def test_c_runs_the_grid_as_a_row_bit_for_bit(tensors):
+    """C's TI runs go over the grid as one (1, H·W) row (``glaunti.glacier.grid_row``, faster on
+    a CPU): a year's corrections, state, sums and daily series equal the same year run on the
+    (H, W) grid to the last bit (the tiny glacier is 12×17: its rows end in a remainder)."""
+    from glaunti.glacier import grid_row, published_precision
+    from glaunti.ti_corr_model import computed_channels, corrected_run
+
+    model = load_model("c", PUBLISHED / "c.eqx")
+    arrays = make_arrays(tensors)
+    assert arrays.shape[1] % 8 != 0 and grid_row(arrays).shape == (1, arrays.shape[0] * arrays.shape[1])
+    k = arrays.n_spinup
+    swe = model.initial_state(arrays.shape) + 0.2
+    valid = arrays.day_valid[k]
+    base = model.ti.constrained()
+
+    @jax.jit
+    def on_grid(swe):  # the year as it ran before rows: every array on the grid
+        def scan(step, state):
+            return scan_block(step, state, arrays, k, valid, jnp.zeros_like(valid), False, state.shape)
+
+        with published_precision():
+            channels = computed_channels(model.ti, swe, scan)
+            inputs = jnp.concatenate([channels, arrays.fields[k]], axis=0)
+            corrections = model.corrector(inputs, arrays.climate_monthly[k], arrays.n_months[k])
+            return (corrections,) + corrected_run(base, corrections, swe, arrays, k, valid, series=True)
+
+    @jax.jit
+    def on_row(swe):
+        state, acc, corrections, out = year_step(model, arrays, k, swe, series=True)
+        return corrections, state, acc, out
+
+    for name, a, b in zip(("corrections", "state", "sums", "series"), on_row(swe), on_grid(swe)):
+        assert a.shape == b.shape and np.array_equal(np.asarray(a), np.asarray(b)), name
+
+
 def test_one_registry():
     assert MODELS == tuple(registry.REGISTRY) == ("a", "b", "c", "d")
     assert EPOCHS == {"a": 50, "b": 100, "c": 50, "d": 50}  # the published schedule
