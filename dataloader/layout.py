@@ -22,6 +22,9 @@ import constants
 
 CELL = 100.0  # grid spacing of the published layout (m)
 COMPRESSION = {"zlib": True, "shuffle": True, "complevel": 9}  # as the reference files
+# The daily climate is most of the bytes written: zlib level 6 writes it ~5× faster than 9
+# for the same size (a twin's 7032×24×24 temperature: 0.15 against 0.71 s, 0.55 MB each).
+DAILY_COMPRESSION = {**COMPRESSION, "complevel": 6}
 FACIES_BANDS = ("ice", "snow", "debris", "firn", "shadow", "superimposed-ice", "cloud", "water",
                 "confidence")
 # Largest chunk of the daily climate variables (values); small grids get one chunk like the
@@ -75,9 +78,9 @@ def _grid(ds: netCDF4.Dataset, x: np.ndarray, y: np.ndarray, epsg: int) -> None:
     ref.assignValue(0)
 
 
-def _data_variable(ds, name, dims, attrs, chunks) -> netCDF4.Variable:
+def _data_variable(ds, name, dims, attrs, chunks, compression=COMPRESSION) -> netCDF4.Variable:
     var = ds.createVariable(name, "f4", dims, fill_value=np.float32(np.nan), chunksizes=chunks,
-                            **COMPRESSION)
+                            **compression)
     var.setncatts({**attrs, "grid_mapping": "spatial_ref"})
     return var
 
@@ -92,7 +95,8 @@ def write_daily(path: Path, name: str, attrs: dict, x: np.ndarray, y: np.ndarray
         ds.createDimension("time", n_days)
         ds.createDimension("y", height)
         ds.createDimension("x", width)
-        var = _data_variable(ds, name, ("time", "y", "x"), attrs, (chunk_days, height, width))
+        var = _data_variable(ds, name, ("time", "y", "x"), attrs, (chunk_days, height, width),
+                             DAILY_COMPRESSION)
         time = ds.createVariable("time", "i4", ("time",))
         time.setncatts({"units": f"days since {first_date}", "calendar": "proleptic_gregorian"})
         time[:] = np.arange(n_days, dtype=np.int32)
