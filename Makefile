@@ -13,10 +13,15 @@ TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ "$$n" -gt 4 ] && n=
 
 .PHONY: demo test install clean-demo
 
+# uv installs the same packages as pip in about a quarter of the time (parallel downloads);
+# pip does it where uv cannot be installed.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,notebooks]"
+	if $(PY) -m pip install --quiet uv; then \
+		$(VENV)/bin/uv pip install --quiet --python $(PY) -e ".[dev,notebooks]"; \
+	else \
+		$(PY) -m pip install --quiet --upgrade pip && $(PY) -m pip install --quiet -e ".[dev,notebooks]"; \
+	fi
 	touch $@
 
 install: $(VENV)/.installed

@@ -20,6 +20,8 @@ Environment (read by :func:`setup`, which the scripts call before any computatio
   one per core, at most 8): on a CPU-only host glaciers then run concurrently on several cores.
 - ``GLAUNTI_COMPILATION_CACHE``: folder of JAX's persistent compilation cache (default
   ``$XDG_CACHE_HOME/glaunti/jax``, i.e. ``~/.cache/glaunti/jax``); ``0``/``off`` disables it.
+  With it, a function compiled for one CPU device is loaded from the cache, not compiled
+  again, by the others (:func:`share_cpu_executables`).
 
 On CPU the cross-process gather uses gloo collectives (``jax_cpu_collectives_implementation``).
 """
@@ -35,6 +37,7 @@ import jax
 import numpy as np
 
 _SETUP_DONE = False
+_SHARED_EXECUTABLES = False
 
 
 def _backend_initialised() -> bool:
@@ -73,6 +76,44 @@ def enable_compilation_cache(path: Path | str | None = None) -> Path | None:
     return path
 
 
+def share_cpu_executables() -> bool:
+    """Key the persistent compilation cache of single-device CPU computations without their
+    device, so that one compile serves every CPU device (and every process of a host).
+
+    XLA's CPU code does not depend on which CPU device runs it, but JAX keys its cache by the
+    device assignment everywhere except on GPUs (where it drops it, as here): with N CPU
+    devices a shape compiled N times (C's gradient: ~25 s each on 2 cores). Now the second
+    device loads the first one's executable (:func:`executables_shared`; the training engine
+    lets a device wait for a shape another device is compiling). JAX has no public switch for
+    this; if its private key function has moved, nothing changes (each device compiles).
+    Returns whether it is in effect."""
+    global _SHARED_EXECUTABLES
+    if _SHARED_EXECUTABLES:
+        return True
+    try:
+        from jax._src import cache_key
+        original = cache_key._hash_serialized_compile_options
+    except (ImportError, AttributeError):  # pragma: no cover - internal layout changed
+        return False
+
+    def hash_compile_options(hash_obj, compile_options, strip_device_assignment=False):
+        assignment = compile_options.device_assignment
+        single = assignment is not None and assignment.replica_count() * assignment.computation_count() == 1
+        strip = strip_device_assignment or (single and jax.default_backend() == "cpu")
+        return original(hash_obj, compile_options, strip_device_assignment=strip)
+
+    cache_key._hash_serialized_compile_options = hash_compile_options
+    _SHARED_EXECUTABLES = True
+    return True
+
+
+def executables_shared() -> bool:
+    """Whether a shape compiled for one CPU device is loaded from the persistent cache by the
+    others (:func:`share_cpu_executables` and the cache both on)."""
+    return (_SHARED_EXECUTABLES and bool(jax.config.jax_enable_compilation_cache)
+            and bool(jax.config.jax_compilation_cache_dir))
+
+
 def _distributed_args() -> dict | None:
     if os.environ.get("GLAUNTI_DISTRIBUTED", "").strip() == "0":
         return None
@@ -99,8 +140,8 @@ def setup(cpu_devices: int | None = None, compilation_cache: bool = True) -> Non
     global _SETUP_DONE
     if _SETUP_DONE:
         return
-    if compilation_cache:
-        enable_compilation_cache()
+    if compilation_cache and enable_compilation_cache() is not None:
+        share_cpu_executables()
     fresh = not _backend_initialised()
     explicit = cpu_devices is not None or bool(os.environ.get("GLAUNTI_CPU_DEVICES"))
     if cpu_devices is None and os.environ.get("GLAUNTI_CPU_DEVICES"):

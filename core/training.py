@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -199,9 +200,22 @@ class Evaluation(NamedTuple):
     treedef: object
 
 
-# (compiled function, batch signature) pairs already compiled in this process: the first call of
-# a new one says so, since XLA may take a while (model C: tens of seconds on CPU).
-_COMPILED: set = set()
+# (compiled function, model type, batch signature) → set once the first call of that shape in
+# this process has returned (compiled, and in the persistent cache where devices share
+# executables). The first call says so, since XLA may take a while (model C: tens of seconds on
+# CPU); with shared executables another device waits for it instead of compiling too.
+_COMPILED: dict[tuple, threading.Event] = {}
+_COMPILED_LOCK = threading.Lock()
+
+
+def _claim_compile(key) -> tuple[bool, threading.Event]:
+    """(whether this call is the first of ``key`` in the process, the event set when it returned)."""
+    with _COMPILED_LOCK:
+        ready = _COMPILED.get(key)
+        if ready is None:
+            ready = _COMPILED[key] = threading.Event()
+            return True, ready
+        return False, ready
 
 
 def _work_items(glacier_set):
@@ -291,20 +305,36 @@ def evaluate_glaciers(fn, trainable, static, glacier_set, with_grad: bool,
                                + [np.asarray(terms[k], np.float32).reshape(n) for k in keys], axis=1)
             local[j] = (keys, np.concatenate([np.asarray(value, np.float32).reshape(1), per.ravel(), flat]))
 
-        for j, signature, describe, arrays in load([(j, device) for j in indices]):
-            key = (id(fn), type(static), signature)
-            if key in _COMPILED:
+        def dispatch(j, first, ready, describe, arrays):
+            if not first:
                 pending.append((j, fn(*replica, arrays)))  # asynchronous dispatch
             else:
-                _COMPILED.add(key)
                 counter["new"] += 1
                 t0 = announce_compile(what, describe, counter["new"], counter["total"]) if announce else None
-                pending.append((j, fn(*replica, arrays)))  # traces and compiles, then dispatches
+                try:
+                    pending.append((j, fn(*replica, arrays)))  # traces and compiles, then dispatches
+                finally:
+                    ready.set()
                 if t0 is not None:
                     progress_note(f"  compiled in {time.perf_counter() - t0:.1f} s")
-            del arrays
             while len(pending) >= window:
                 finish()
+
+        # A shape another device is compiling waits until the end of this device's list: by
+        # then its executable is in the persistent cache and loads instead of compiling again
+        # (the gradients are summed in item order, so the order of computing does not matter).
+        deferred = []
+        for j, signature, describe, arrays in load([(j, device) for j in indices]):
+            first, ready = _claim_compile((id(fn), type(static), signature))
+            if share and not first and not ready.is_set():
+                deferred.append((j, ready, describe, arrays))
+            else:
+                dispatch(j, first, ready, describe, arrays)
+            del arrays
+        for j, ready, describe, arrays in deferred:
+            ready.wait()
+            dispatch(j, False, ready, describe, arrays)
+        deferred.clear()
         while pending:
             finish()
 
@@ -312,6 +342,7 @@ def evaluate_glaciers(fn, trainable, static, glacier_set, with_grad: bool,
     for j in placement.local_indices(len(items)):
         by_device.setdefault(placement.device(j), []).append(j)
     counter["total"] = _new_signatures(glacier_set, fn, static, by_device)
+    share = len(by_device) > 1 and distributed.executables_shared()
     if not by_device and items:
         # This process owns no work item (more processes than items): it computes item 0
         # once, only to learn the layout of the gathered rows, and contributes nothing.
@@ -356,7 +387,8 @@ def _new_signatures(glacier_set, fn, static, by_device) -> int:
         return 0
     plan = glacier_set.batches()
     mine = [j for indices in by_device.values() for j in indices]
-    done = {s for f, kind, s in _COMPILED if f == id(fn) and kind is type(static)}
+    with _COMPILED_LOCK:
+        done = {s for f, kind, s in _COMPILED if f == id(fn) and kind is type(static)}
     return len({plan[j].signature for j in mine} - done)
 
 

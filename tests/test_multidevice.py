@@ -269,3 +269,45 @@ def test_a_failing_device_thread_leaves_no_unfinished_files(tiny_reference_copy,
                                           verbose=False)
     assert not (out / f"{dataset.names[failing]}.nc").exists()
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{dataset.names[i]}.nc" for i in written)
+
+
+SHARED_COMPILE = """
+import json, sys
+from core import distributed
+distributed.setup(cpu_devices=2)
+import equinox as eqx, jax, numpy as np
+from core.models import load_model, trainable_filter
+from core.training import evaluate_glaciers, make_loss_and_grad
+from dataloader import Dataset
+from glaunti.glacier import make_arrays
+hits = []
+jax.monitoring.register_event_listener(
+    lambda event, **kw: hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None)
+dataset = Dataset(sys.argv[1], cache_dir=sys.argv[2])
+name = dataset.names[0]
+model = load_model("a", sys.argv[3])
+trainable, static = eqx.partition(model, trainable_filter(model))
+value_and_grad, _ = make_loss_and_grad()
+arrays = make_arrays(dataset.glacier(name))
+evaluation = evaluate_glaciers(value_and_grad, trainable, static, lambda: [(name, arrays), (name, arrays)],
+                               True, verbose=False)
+print("RESULT", json.dumps({"shared": distributed.executables_shared(), "hits": len(hits),
+                            "losses": [r.loss for r in evaluation.results],
+                            "grads_equal": bool(np.array_equal(evaluation.grads[0][2], evaluation.grads[1][2]))}))
+"""
+
+
+@pytest.mark.parametrize("cache", ["on", "off"])
+def test_cpu_devices_share_one_compile(tiny_reference_dataset, tmp_path, cache):
+    """The same glacier on two CPU devices: with the persistent cache, the second device loads
+    the executable the first one compiled (one cache hit) and computes the same loss and
+    gradient bit for bit; without it, each device compiles its own."""
+    env = _env(tmp_path, GLAUNTI_COMPILATION_CACHE=str(tmp_path / "jax_cache") if cache == "on" else "0")
+    proc = subprocess.run([sys.executable, "-c", SHARED_COMPILE, str(tiny_reference_dataset.folder),
+                           str(tmp_path / "tensors"), str(PUBLISHED / "a.eqx")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+    assert result["shared"] is (cache == "on")
+    assert result["hits"] == (1 if cache == "on" else 0)
+    assert result["losses"][0] == result["losses"][1] and result["grads_equal"]
