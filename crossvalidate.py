@@ -30,6 +30,9 @@ def parser():
                    help="Skip the locally calibrated baseline (A fine-tuned on each test glacier's early years)")
     p.add_argument("--keep_smb", action="store_true",
                    help="Keep the daily SMB NetCDF of every model and test glacier (fold_<k>/smb/)")
+    p.add_argument("--export", metavar="DIR", default=None,
+                   help="Only copy the completed folds' evaluation files (no weights) from --out_dir to DIR, "
+                        "a folder that summarise.py reads and crossvalidate.py continues")
     p.add_argument("--quiet", action="store_true", help="No progress bars")
     return p
 
@@ -37,8 +40,12 @@ def parser():
 @main_wrapper
 def main(argv=None):
     args = parser().parse_args(argv)
-    from core.crossvalidation import crossvalidate
+    from core.crossvalidation import crossvalidate, export_results
 
+    if args.export:
+        folds = export_results(args.out_dir, args.export)
+        print(f"{args.out_dir} → {args.export}: folds {folds}")
+        return 0
     crossvalidate(data_folder=args.data_folder, out_dir=args.out_dir, folds=args.folds, models=args.models,
                   epochs_scale=args.epochs_scale, seed=args.seed, local_baseline=not args.no_local,
                   keep_smb=args.keep_smb, show_progress=not args.quiet)

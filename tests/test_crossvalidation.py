@@ -206,6 +206,21 @@ def test_figure_and_summarise_cli(runs, capsys):
     assert json.loads(capsys.readouterr().out) == json.loads((out / "summary.json").read_text())
 
 
+def test_exported_folds_give_the_same_tables_and_are_not_run_again(runs, tmp_path, capsys):
+    """The export keeps the evaluation files and markers, not the weights: the tables read from
+    it are the run's, and continuing it computes nothing (no weights appear)."""
+    dest = tmp_path / "exported"
+    assert crossvalidate.main(["--out_dir", str(runs["whole"]), "--export", str(dest)]) == 0
+    assert not list(dest.rglob("*.eqx*")) and not list(dest.rglob("*.csv"))
+    assert sorted(p.name for p in dest.glob("fold_*/done/*.json")) == ["a.json", "a.json", "a_local.json", "a_local.json"]
+    capsys.readouterr()
+    assert summarise.main(["--crossvalidation", str(dest)]) == 0
+    assert capsys.readouterr().out == (runs["whole"] / "summary.txt").read_text()
+    assert crossvalidate.main([*runs["data"], "--out_dir", str(dest), *BOTH_FOLDS]) == 0
+    assert not list(dest.rglob("params"))
+    assert (dest / "summary.json").read_bytes() == (runs["whole"] / "summary.json").read_bytes()
+
+
 def test_summarise_needs_folders_or_crossvalidation(capsys):
     with pytest.raises(SystemExit) as exit_info:
         summarise.main([])
@@ -217,7 +232,7 @@ def test_script_has_help():
     out = subprocess.run([sys.executable, "crossvalidate.py", "--help"], cwd=Path(crossvalidate.__file__).parent,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    for option in ("--data_folder", "--out_dir", "--folds", "--models", "--epochs_scale", "--no_local"):
+    for option in ("--data_folder", "--out_dir", "--folds", "--models", "--epochs_scale", "--no_local", "--export"):
         assert option in out.stdout
 
 
