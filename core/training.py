@@ -323,6 +323,8 @@ def evaluate_glaciers(fn, trainable, static, glacier_set, with_grad: bool,
         # A shape another device is compiling waits until the end of this device's list: by
         # then its executable is in the persistent cache and loads instead of compiling again
         # (the gradients are summed in item order, so the order of computing does not matter).
+        # Shapes that another device is to compile go last from the start.
+        indices = sorted(indices, key=lambda j: compiler.get(j, device) != device)
         deferred = []
         for j, signature, describe, arrays in load([(j, device) for j in indices]):
             first, ready = _claim_compile((id(fn), type(static), signature))
@@ -343,6 +345,7 @@ def evaluate_glaciers(fn, trainable, static, glacier_set, with_grad: bool,
         by_device.setdefault(placement.device(j), []).append(j)
     counter["total"] = _new_signatures(glacier_set, fn, static, by_device)
     share = len(by_device) > 1 and distributed.executables_shared()
+    compiler = _compiling_devices(glacier_set, fn, static, by_device) if share else {}
     if not by_device and items:
         # This process owns no work item (more processes than items): it computes item 0
         # once, only to learn the layout of the gathered rows, and contributes nothing.
@@ -387,9 +390,34 @@ def _new_signatures(glacier_set, fn, static, by_device) -> int:
         return 0
     plan = glacier_set.batches()
     mine = [j for indices in by_device.values() for j in indices]
+    return len({plan[j].signature for j in mine} - _compiled_signatures(fn, static))
+
+
+def _compiled_signatures(fn, static) -> set:
     with _COMPILED_LOCK:
-        done = {s for f, kind, s in _COMPILED if f == id(fn) and kind is type(static)}
-    return len({plan[j].signature for j in mine} - done)
+        return {s for f, kind, s in _COMPILED if f == id(fn) and kind is type(static)}
+
+
+def _compiling_devices(glacier_set, fn, static, by_device) -> dict:
+    """Work item → the device that compiles its new shape, when the shapes are known beforehand
+    and devices share executables: a shape only one device runs is compiled there, a shared
+    one by the device that has the fewest shapes to compile so far (so that the shapes compile
+    side by side, not one after another on one device)."""
+    if not hasattr(glacier_set, "batches"):
+        return {}
+    plan = glacier_set.batches()
+    done = _compiled_signatures(fn, static)
+    needed: dict = {}  # new signature → devices running it, in device order
+    for device, indices in by_device.items():
+        for j in indices:
+            if plan[j].signature not in done and device not in needed.setdefault(plan[j].signature, []):
+                needed[plan[j].signature].append(device)
+    owner, count = {}, {device: 0 for device in by_device}
+    for signature, devices in sorted(needed.items(), key=lambda kv: len(kv[1])):  # stable
+        owner[signature] = min(devices, key=lambda d: count[d])
+        count[owner[signature]] += 1
+    return {j: owner[plan[j].signature] for indices in by_device.values() for j in indices
+            if plan[j].signature in owner}
 
 
 class _Listed:
