@@ -297,6 +297,25 @@ def assign_devices(batches: Sequence[Batch], n_devices: int, passes: int = 1,
     return whole if max(loads(whole), default=0.0) <= max(loads(free), default=0.0) else free
 
 
+def compile_owners(signatures: Sequence, by_device: dict, done=frozenset()) -> dict:
+    """Work item → the device that compiles its shape, for devices that share executables
+    (``core.distributed.share_cpu_executables``; ``by_device``: device → its items, ``done``:
+    shapes compiled already). A shape one device runs alone compiles there, a shared one on the
+    device with the fewest shapes to compile so far (stable: the first such device), so that the
+    shapes compile side by side; the other devices run their share of it last, loading the
+    compile."""
+    needed: dict = {}  # new signature → devices running it, in device order
+    for device, indices in by_device.items():
+        for j in indices:
+            if signatures[j] not in done and device not in needed.setdefault(signatures[j], []):
+                needed[signatures[j]].append(device)
+    owner, count = {}, {device: 0 for device in by_device}
+    for signature, devices in sorted(needed.items(), key=lambda kv: len(kv[1])):
+        owner[signature] = min(devices, key=lambda d: count[d])
+        count[owner[signature]] += 1
+    return {j: owner[signatures[j]] for indices in by_device.values() for j in indices if signatures[j] in owner}
+
+
 def whole_classes(batches: Sequence[Batch], n_devices: int, passes: int = 1,
                   per_class: float = 0.0) -> list[int]:
     """The local device (index) of each batch when shape classes are never split: classes by

@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 
 from core import distributed
 from core.checkpoint import Checkpoint, CheckpointError, checkpoint_path
+from core.data import compile_owners
 from core.loss import aux_to_python, batch_loss, glacier_loss
 from core.models import trainable_filter
 from core.training_log import LOG_COLUMNS, Log, log_row
@@ -399,25 +400,12 @@ def _compiled_signatures(fn, static) -> set:
 
 
 def _compiling_devices(glacier_set, fn, static, by_device) -> dict:
-    """Work item → the device that compiles its new shape, when the shapes are known beforehand
-    and devices share executables: a shape only one device runs is compiled there, a shared
-    one by the device that has the fewest shapes to compile so far (so that the shapes compile
-    side by side, not one after another on one device)."""
+    """Work item → the device that compiles its new shape (:func:`core.data.compile_owners`),
+    when the shapes are known beforehand."""
     if not hasattr(glacier_set, "batches"):
         return {}
-    plan = glacier_set.batches()
-    done = _compiled_signatures(fn, static)
-    needed: dict = {}  # new signature → devices running it, in device order
-    for device, indices in by_device.items():
-        for j in indices:
-            if plan[j].signature not in done and device not in needed.setdefault(plan[j].signature, []):
-                needed[plan[j].signature].append(device)
-    owner, count = {}, {device: 0 for device in by_device}
-    for signature, devices in sorted(needed.items(), key=lambda kv: len(kv[1])):  # stable
-        owner[signature] = min(devices, key=lambda d: count[d])
-        count[owner[signature]] += 1
-    return {j: owner[plan[j].signature] for indices in by_device.values() for j in indices
-            if plan[j].signature in owner}
+    signatures = [b.signature for b in glacier_set.batches()]
+    return compile_owners(signatures, by_device, _compiled_signatures(fn, static))
 
 
 class _Listed:

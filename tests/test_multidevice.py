@@ -311,3 +311,94 @@ def test_cpu_devices_share_one_compile(tiny_reference_dataset, tmp_path, cache):
     assert result["shared"] is (cache == "on")
     assert result["hits"] == (1 if cache == "on" else 0)
     assert result["losses"][0] == result["losses"][1] and result["grads_equal"]
+
+
+SHARED_COMPILE = """
+import json, sys
+from core import distributed
+distributed.setup(cpu_devices=2)
+import equinox as eqx, jax, numpy as np
+from core.models import load_model, trainable_filter
+from core.training import evaluate_glaciers, make_loss_and_grad
+from dataloader import Dataset
+from glaunti.glacier import make_arrays
+hits = []
+jax.monitoring.register_event_listener(
+    lambda event, **kw: hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None)
+dataset = Dataset(sys.argv[1], cache_dir=sys.argv[2])
+name = dataset.names[0]
+model = load_model("a", sys.argv[3])
+trainable, static = eqx.partition(model, trainable_filter(model))
+value_and_grad, _ = make_loss_and_grad()
+arrays = make_arrays(dataset.glacier(name))
+evaluation = evaluate_glaciers(value_and_grad, trainable, static, lambda: [(name, arrays), (name, arrays)],
+                               True, verbose=False)
+print("RESULT", json.dumps({"shared": distributed.executables_shared(), "hits": len(hits),
+                            "losses": [r.loss for r in evaluation.results],
+                            "grads_equal": bool(np.array_equal(evaluation.grads[0][2], evaluation.grads[1][2]))}))
+"""
+
+
+@pytest.mark.parametrize("cache", ["on", "off"])
+def test_cpu_devices_share_one_compile(tiny_reference_dataset, tmp_path, cache):
+    """The same glacier on two CPU devices: with the persistent cache, the second device loads
+    the executable the first one compiled (one cache hit) and computes the same loss and
+    gradient bit for bit; without it, each device compiles its own."""
+    env = _env(tmp_path, GLAUNTI_COMPILATION_CACHE=str(tmp_path / "jax_cache") if cache == "on" else "0")
+    proc = subprocess.run([sys.executable, "-c", SHARED_COMPILE, str(tiny_reference_dataset.folder),
+                           str(tmp_path / "tensors"), str(PUBLISHED / "a.eqx")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+    assert result["shared"] is (cache == "on")
+    assert result["hits"] == (1 if cache == "on" else 0)
+    assert result["losses"][0] == result["losses"][1] and result["grads_equal"]
+
+
+def test_inference_of_a_shared_shape_waits_for_its_compile(tiny_reference_copy, tmp_path, monkeypatch):
+    """With executables shared, two batches of one shape go to two devices: one compiles and
+    runs first, the other waits for it (then loads the compile), and both files are what one
+    device writes."""
+    import hashlib
+    import threading
+
+    import jax
+    import netCDF4
+
+    from core import distributed, inference
+    from core.data import GlacierSet
+    from core.run import inference_layout
+    from dataloader import Dataset
+
+    dataset = Dataset(tiny_reference_copy)
+    model = load_model("a", PUBLISHED / "a.eqx")
+    name = dataset.names[0]
+    glaciers = GlacierSet(dataset, [name, name], False, layout=inference_layout(model))
+    plan = glaciers.batches()
+    assert len(plan) == 2 and plan[0].signature == plan[1].signature
+    monkeypatch.setattr(distributed, "executables_shared", lambda: True)
+    assert sorted(inference.inference_devices(plan, 2)) == [0, 1]
+    real, order = inference.batch_series, []
+
+    def batch_series(model, batch, tensors, verbose=True):
+        order.append(("start", threading.current_thread().name))
+        for piece in real(model, batch, tensors, verbose):
+            order.append(("year", threading.current_thread().name))
+            yield piece
+
+    monkeypatch.setattr(inference, "batch_series", batch_series)
+    device = jax.local_devices()[0]
+    paths = [tmp_path / "first.nc", tmp_path / "second.nc"]
+    inference.write_daily_smb_batches(model, glaciers, paths, "a", devices=[device, device], verbose=False)
+    first = order[0][1]
+    second = next(thread for _, thread in order if thread != first)
+    assert order.index(("start", second)) > order.index(("year", first))  # after the first year
+
+    def digest(path):
+        with netCDF4.Dataset(path) as nc:
+            return hashlib.sha256(np.ascontiguousarray(nc["smb"][:].filled(np.nan)).tobytes()).hexdigest()
+
+    alone = tmp_path / "alone.nc"
+    inference.write_daily_smb_batches(model, GlacierSet(dataset, [name], False, layout=inference_layout(model)),
+                                      [alone], "a", devices=[device], verbose=False)
+    assert digest(paths[0]) == digest(paths[1]) == digest(alone)
