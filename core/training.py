@@ -345,7 +345,10 @@ def evaluate_glaciers(fn, trainable, static, glacier_set, with_grad: bool,
     for j in placement.local_indices(len(items)):
         by_device.setdefault(placement.device(j), []).append(j)
     counter["total"] = _new_signatures(glacier_set, fn, static, by_device)
-    share = len(by_device) > 1 and distributed.executables_shared()
+    # CPU devices only: a deferred item holds its arrays until the end, which an accelerator's
+    # memory budget does not allow for.
+    share = (len(by_device) > 1 and distributed.executables_shared()
+             and all(getattr(d, "platform", "cpu") == "cpu" for d in by_device))
     compiler = _compiling_devices(glacier_set, fn, static, by_device) if share else {}
     if not by_device and items:
         # This process owns no work item (more processes than items): it computes item 0
