@@ -244,7 +244,9 @@ def assign_devices(batches: Sequence[Batch], n_devices: int, passes: int = 1,
     """The local device (index) each batch runs on.
 
     XLA compiles a function once for every device it runs on, so a batch shape spread over N
-    devices compiles N times. A device's time is ``passes`` × its batches' computed cell-days
+    devices compiles N times (on CPUs with the persistent cache the others load the first
+    device's compile, ``core.distributed.share_cpu_executables``; priced as a compile here all
+    the same). A device's time is ``passes`` × its batches' computed cell-days
     plus ``compile_cell_days`` per signature it runs (each device has its own core, so devices
     compile in parallel). Of two plans the one that finishes first (ties: the first):
     whole shape classes, largest first, each on the least loaded device, then single batches

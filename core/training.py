@@ -20,7 +20,8 @@ batch shape, reused every epoch; its first call says that it compiles. Other set
 single glacier) run glacier by glacier.
 
 Batches are spread over every local device (``core.data.assign_devices``: a shape compiles
-once per device it runs on) and, with ``jax.distributed``, over processes
+once per device it runs on, except that CPU devices load each other's compiles from the
+persistent cache, ``core.distributed.share_cpu_executables``) and, with ``jax.distributed``, over processes
 (``core.distributed``): each batch's losses and gradient are computed on its device, JAX's
 asynchronous dispatch keeps the devices busy concurrently, and the batch gradients are summed
 on the host in the fixed batch order. Batches depend only on the glaciers and the memory budget,
