@@ -50,6 +50,7 @@ from core.run import (
     infer_and_evaluate_many,
 )
 from core.summarise import SummaryError, format_spread_table, format_table, pool_folders, spread
+from core.training import release_compiled
 from dataloader.dataset import Dataset, resolve_data_folder
 
 SETTINGS = "crossvalidation.json"
@@ -345,6 +346,8 @@ def crossvalidate(data_folder=None, out_dir="outputs/crossvalidation", folds: Se
     remaining = [(run, stage) for run in runs for stage in plan.stages if not run.marker(stage).exists()]
     distributed.sync("glaunti-cv-plan")  # every process has decided what is left
     for i, (run, stage) in enumerate(remaining):
+        if i and run is not remaining[i - 1][0]:
+            release_compiled()  # a new rotation: free the last one's executables (memory maps)
         split = dataset.split(run.rotation.test, run.rotation.val)
         say(f"\n{run.rotation.folder} (test {len(split.test)}, validation {len(split.val)} [fold "
             f"{run.rotation.val}], training {len(split.train)} glaciers): {label(stage)}", flush=True)

@@ -31,7 +31,7 @@ import xarray as xr
 from core.data import whole_classes
 from core.distributed import map_glaciers  # noqa: F401  (inference spreads glaciers over devices)
 from core.io import atomic_path
-from core.training import announce_compile, progress_note
+from core.training import announce_compile, claim_compile, progress_note
 from glaunti.glacier import GlacierArrays, GlacierBatch, initial_state, walk_years, year_step
 
 SMB_VARIABLE = "smb"
@@ -66,16 +66,13 @@ def _series_step_batch(model, arrays, k, state):
     return jax.vmap(lambda a, s: _series(model, a, k, s))(arrays, state)
 
 
-# (model type, array shapes) whose inference functions this process has compiled.
-_COMPILED: set = set()
-
-
 def _announce(model, arrays, describe: str, verbose: bool) -> float | None:
     """Note a new inference shape and, ``verbose``, say that it compiles; the start time or None."""
-    key = (type(model), tuple(np.shape(x) for x in jax.tree_util.tree_leaves(arrays)))
-    if key in _COMPILED:
+    shapes = tuple(np.shape(x) for x in jax.tree_util.tree_leaves(arrays))
+    first, ready = claim_compile(("inference", type(model), shapes))
+    ready.set()  # no device waits for an inference compile
+    if not first:
         return None
-    _COMPILED.add(key)
     return announce_compile(f"model {getattr(model, 'kind', '?')} inference", describe) if verbose else None
 
 

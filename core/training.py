@@ -206,11 +206,12 @@ class Evaluation(NamedTuple):
 # this process has returned (compiled, and in the persistent cache where devices share
 # executables). The first call says so, since XLA may take a while (model C: tens of seconds on
 # CPU); with shared executables another device waits for it instead of compiling too.
+# core.inference notes its shapes here too, as ("inference", model type, array shapes).
 _COMPILED: dict[tuple, threading.Event] = {}
 _COMPILED_LOCK = threading.Lock()
 
 
-def _claim_compile(key) -> tuple[bool, threading.Event]:
+def claim_compile(key) -> tuple[bool, threading.Event]:
     """(whether this call is the first of ``key`` in the process, the event set when it returned)."""
     with _COMPILED_LOCK:
         ready = _COMPILED.get(key)
@@ -218,6 +219,19 @@ def _claim_compile(key) -> tuple[bool, threading.Event]:
             ready = _COMPILED[key] = threading.Event()
             return True, ready
         return False, ready
+
+
+def release_compiled() -> None:
+    """Free every compiled function of this process (JAX's in-memory caches) and forget which
+    shapes have compiled; later calls load from the persistent compilation cache, or compile.
+
+    Each CPU executable holds a few memory maps, and a process that compiles for many glacier
+    shapes (a cross-validation rotation: ~20 000 maps) otherwise reaches Linux's default
+    ``vm.max_map_count`` of 65 530 in its third rotation, where LLVM fails with "Unable to
+    allocate section memory"."""
+    jax.clear_caches()
+    with _COMPILED_LOCK:
+        _COMPILED.clear()
 
 
 def _work_items(glacier_set):
@@ -329,7 +343,7 @@ def evaluate_glaciers(fn, trainable, static, glacier_set, with_grad: bool,
         indices = sorted(indices, key=lambda j: compiler.get(j, device) != device)
         deferred = []
         for j, signature, describe, arrays in load([(j, device) for j in indices]):
-            first, ready = _claim_compile((id(fn), type(static), signature))
+            first, ready = claim_compile((id(fn), type(static), signature))
             if share and not first and not ready.is_set():
                 deferred.append((j, ready, describe, arrays))
             else:

@@ -18,6 +18,7 @@ import xarray as xr
 
 import crossvalidate
 import summarise
+from core import crossvalidation
 from core.crossvalidation import LOCAL, Rotation, label, local_split, make_plan, rotations
 from core.evaluation import evaluate
 from core.models import load_model, published_params_path
@@ -88,11 +89,15 @@ def runs(tiny_twin, tmp_path_factory):
     root = tmp_path_factory.mktemp("crossvalidation")
     whole, resumed = root / "whole", root / "resumed"
     data = ["--data_folder", str(tiny_twin)]
-    assert crossvalidate.main([*data, "--out_dir", str(whole), *BOTH_FOLDS]) == 0
+    releases = []  # rotations that began by freeing the compiled functions of the one before
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(crossvalidation, "release_compiled",
+                      lambda: releases.append(sorted(p.parent.name for p in whole.glob("fold_*/done"))))
+        assert crossvalidate.main([*data, "--out_dir", str(whole), *BOTH_FOLDS]) == 0
     assert crossvalidate.main([*data, "--out_dir", str(resumed), *REDUCED, "--folds", "0"]) == 0
     assert not (resumed / "fold_1").exists()
     assert crossvalidate.main([*data, "--out_dir", str(resumed), *BOTH_FOLDS]) == 0
-    return {"whole": whole, "resumed": resumed, "data": data}
+    return {"whole": whole, "resumed": resumed, "data": data, "releases": releases}
 
 
 def _pairs(folder: Path, scale: str, season: str):
@@ -109,6 +114,12 @@ def _rmse(folders, scale, season):
     true = np.concatenate([t for t, _ in pairs])
     pred = np.concatenate([p for _, p in pairs])
     return float(np.sqrt(np.mean((pred - true) ** 2)))
+
+
+def test_rotations_free_the_compiled_functions_of_the_last(runs):
+    """Once, when fold 1 begins (the memory maps of one rotation's executables are freed before
+    the next compiles: ``core.training.release_compiled``)."""
+    assert runs["releases"] == [["fold_0"]]
 
 
 def test_resumed_run_ends_with_the_same_tables(runs):

@@ -125,9 +125,9 @@ def test_daily_smb_metadata_and_values(daily_smb, tiny_twin):
 
 
 def test_inference_says_when_it_compiles(tiny_twin, capsys, monkeypatch):
-    from core import inference
+    from core import inference, training
 
-    monkeypatch.setattr(inference, "_COMPILED", set())
+    monkeypatch.setattr(training, "_COMPILED", {})
     tensors = Dataset(tiny_twin).glacier(Dataset(tiny_twin).names[0])
     arrays = make_arrays(tensors)
     first = list(inference.iter_daily_smb(skeleton("a"), arrays, tensors))
@@ -138,6 +138,32 @@ def test_inference_says_when_it_compiles(tiny_twin, capsys, monkeypatch):
     again = list(inference.iter_daily_smb(skeleton("a"), arrays, tensors))
     assert "compiling" not in capsys.readouterr().err
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(first, again))
+    training.release_compiled()  # freed: the next call compiles (or loads) again, and says so
+    after = list(inference.iter_daily_smb(skeleton("a"), arrays, tensors))
+    assert f"compiling model A inference for {height}×{width}…" in capsys.readouterr().err
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(first, after))
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="counts Linux memory maps")
+def test_released_executables_give_back_their_memory_maps():
+    """A long run (cross-validation) frees its compiled functions between rotations, or its
+    memory maps reach Linux's vm.max_map_count and LLVM cannot place new code."""
+    import jax
+    import jax.numpy as jnp
+
+    from core.training import release_compiled
+
+    def maps():
+        return len(Path("/proc/self/maps").read_text().splitlines())
+
+    release_compiled()
+    before = maps()
+    for n in range(1, 61):  # 60 shapes, 60 executables
+        jax.jit(lambda x: jnp.cumsum(jnp.sin(x)) ** 2)(jnp.ones(n)).block_until_ready()
+    compiled = maps()
+    release_compiled()
+    assert compiled - before > 60  # each executable maps its code and data
+    assert maps() - before < (compiled - before) / 4
 
 
 @pytest.mark.parametrize("grid, chunk", [
