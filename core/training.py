@@ -226,9 +226,9 @@ def release_compiled() -> None:
     shapes have compiled; later calls load from the persistent compilation cache, or compile.
 
     Each CPU executable holds a few memory maps, and a process that compiles for many glacier
-    shapes (a cross-validation rotation on ``science``: over 10 000 maps) otherwise reaches Linux's default
-    ``vm.max_map_count`` of 65 530 in its third rotation, where LLVM fails with "Unable to
-    allocate section memory"."""
+    shapes (a cross-validation rotation on ``science``: over 10 000 maps) otherwise reaches
+    Linux's default ``vm.max_map_count`` of 65 530 in its third rotation, where LLVM fails with
+    "Unable to allocate section memory"."""
     jax.clear_caches()
     with _COMPILED_LOCK:
         _COMPILED.clear()
