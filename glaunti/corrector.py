@@ -32,6 +32,10 @@ padded cells' values reach neither the output nor the gradient.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -54,6 +58,84 @@ RMS_EPS = 1e-6
 MONTH_COUNTS = (12, 13, 14)
 # jax.image.resize's threshold below which a column of weights is treated as empty.
 _RESIZE_WEIGHT_FLOOR = 1000.0 * float(np.finfo(np.float32).eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Convolutions in the training loss
+# ----------------------------------------------------------------------------------------------
+# XLA's CPU backend hands a convolution to Eigen only once it has rewritten it channels-last,
+# and it does that rewrite in a jitted function's top level only. Inside the year scan of our
+# training loss (and for the convolutions that autodiff derives for its backward pass) it falls
+# back to a plain loop nest: ~7× slower, and its float32 sums run in another order than the
+# published code's, which calls the corrector at the top level of a per-year jitted function.
+# In the training losses the convolutions are therefore written channels-last, forward and
+# backward (:func:`canonical_convolutions`): bit for bit what XLA computes at the top level.
+_CANONICAL = contextvars.ContextVar("glaunti_canonical_convolutions", default=False)
+
+
+@contextlib.contextmanager
+def canonical_convolutions(enabled: bool = True):
+    """Within this context (at trace time) the corrector's convolutions run channels-last with
+    a hand-written reverse-mode derivative (:func:`_conv_last`): the published CPU numbers
+    inside loops too, and no forward-mode derivative (training losses only)."""
+    token = _CANONICAL.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _CANONICAL.reset(token)
+
+
+def _conv_last_plain(x, w, padding):
+    """Stride-1 convolution, x (1, *S, I), w (*K, I, O), explicit padding → (1, *S', O)."""
+    n = x.ndim - 2
+    spec = ("NWC", "WIO", "NWC") if n == 1 else ("NHWC", "HWIO", "NHWC")
+    return jax.lax.conv_general_dilated(x, w, (1,) * n, padding, dimension_numbers=spec)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_last(x, w, padding):
+    return _conv_last_plain(x, w, padding)
+
+
+def _conv_last_fwd(x, w, padding):
+    return _conv_last_plain(x, w, padding), (x, w)
+
+
+def _conv_last_bwd(padding, res, g):
+    x, w = res
+    n = x.ndim - 2
+    kernel = w.shape[:n]
+    # Input gradient: the output gradient convolved with the kernel turned 180° (I ↔ O).
+    flipped = jnp.swapaxes(w[(slice(None, None, -1),) * n], -1, -2)
+    dx = _conv_last_plain(g, flipped, tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel, padding)))
+    # Kernel gradient: input channels as the batch, the output gradient as the kernel.
+    spatial = tuple(range(1, n + 1))
+    lhs = jnp.transpose(x, (n + 1,) + spatial + (0,))  # (I, *S, 1)
+    rhs = jnp.transpose(g, spatial + (0, n + 1))  # (*S', 1, O)
+    dw = _conv_last_plain(lhs, rhs, padding)  # (I, *K, O)
+    dw = jnp.transpose(dw, spatial + (0, n + 1))
+    return dx, dw
+
+
+_conv_last.defvjp(_conv_last_fwd, _conv_last_bwd)
+
+
+def conv(module: eqx.nn.Conv, x: Float[Array, "C ..."]) -> Float[Array, "O ..."]:
+    """``module(x)`` for an unbatched channels-first ``x``; channels-last with the hand-written
+    derivative inside :func:`canonical_convolutions`."""
+    if not _CANONICAL.get():
+        return module(x)
+    n = module.num_spatial_dims
+    if module.stride != (1,) * n or module.dilation != (1,) * n or module.groups != 1:
+        raise ValueError("the corrector's convolutions have stride 1, dilation 1, one group")
+    padding = module.padding
+    if isinstance(padding, str):  # 'SAME' of an odd kernel at stride 1
+        padding = tuple((k // 2, k // 2) for k in module.kernel_size)
+    padding = tuple(tuple(int(v) for v in p) for p in padding)
+    x_last = jnp.moveaxis(x, 0, -1)[None]
+    w_last = jnp.moveaxis(module.weight, (0, 1), (-1, -2))  # (O, I, *K) → (*K, I, O)
+    y = jnp.moveaxis(_conv_last(x_last, w_last, padding)[0], -1, 0)
+    return y + module.bias if module.use_bias else y
 
 
 class RMSNorm(eqx.Module):
@@ -99,8 +181,8 @@ class ConvBlock(eqx.Module):
         """With ``mask`` (padded grid; ``x`` zero outside it) the output is zeroed outside the
         mask again, ready for the next 'SAME' convolution."""
         if mask is None:
-            return jax.nn.swish(self.norm(self.conv(x)))
-        return jnp.where(mask, jax.nn.swish(self.norm(self.conv(x), mask)), 0.0)
+            return jax.nn.swish(self.norm(conv(self.conv, x)))
+        return jnp.where(mask, jax.nn.swish(self.norm(conv(self.conv, x), mask)), 0.0)
 
 
 class DoubleBlock(eqx.Module):
@@ -168,12 +250,12 @@ class Branch2D(eqx.Module):
         """With ``grid_size`` = (h, w), ``x`` is a padded grid whose true cells are its
         top-left h×w block; the output's true block is then (h//8, w//8), zero elsewhere."""
         if grid_size is None:
-            x = self.in_conv(x)
+            x = conv(self.in_conv, x)
             for down in self.downs:
                 x = down(x)
             return self.bottleneck(x)
         mask = grid_mask(grid_size, x.shape[1:])
-        x = self.in_conv(jnp.where(mask, x, 0.0))  # 1×1, no bias: zero stays zero
+        x = conv(self.in_conv, jnp.where(mask, x, 0.0))  # 1×1, no bias: zero stays zero
         for down in self.downs:
             # The 2×2 pool keeps ⌊h/2⌋ × ⌊w/2⌋ true cells (it drops a trailing odd row/column).
             grid_size = grid_size // 2
@@ -195,7 +277,7 @@ class Branch1D(eqx.Module):
         self.conv_blocks = [DoubleBlock(WIDTH_1D, 1, k) for k in k_blocks]
 
     def __call__(self, x: Float[Array, "2 M"]) -> Float[Array, "8 1"]:
-        x = self.in_conv(x)
+        x = conv(self.in_conv, x)
         for blocks in self.conv_blocks:
             x = avg_pool_2(blocks(x))
         return jnp.mean(x, axis=1, keepdims=True)
@@ -361,19 +443,19 @@ class Corrector(eqx.Module):
         check_grid(height, width)
         if grid_size is None:
             x2 = self.branch_2d(fields)  # (32, h, w)
-            x1 = self.reproj_1d_to_2d_conv(self.climate_features(climate_monthly, n_months))
+            x1 = conv(self.reproj_1d_to_2d_conv, self.climate_features(climate_monthly, n_months))
             x = self.fuse_conv(x2 + x1[:, :, None])  # (32, 1) broadcast over (h, w)
-            out = self.out_conv(x) * OUT_SCALE
+            out = conv(self.out_conv, x) * OUT_SCALE
             return jax.image.resize(out, (N_OUT, height, width), "bilinear", antialias=False)
         grid_size = jnp.asarray(grid_size)
         _check_grid_size(grid_size, height, width)
         grid_size = grid_size.astype(jnp.int32)
         x2 = self.branch_2d(fields, grid_size)  # (32, Hp//8, Wp//8), true block (H//8, W//8)
-        x1 = self.reproj_1d_to_2d_conv(self.climate_features(climate_monthly, n_months))
+        x1 = conv(self.reproj_1d_to_2d_conv, self.climate_features(climate_monthly, n_months))
         bottom_size = grid_size // 8  # three floor halvings
         mask = grid_mask(bottom_size, x2.shape[1:])
         x = self.fuse_conv(jnp.where(mask, x2 + x1[:, :, None], 0.0), mask)
-        out = jnp.where(mask, self.out_conv(x) * OUT_SCALE, 0.0)  # the bias is not zero
+        out = jnp.where(mask, conv(self.out_conv, x) * OUT_SCALE, 0.0)  # the bias is not zero
         return resize_bilinear_padded(out, bottom_size, grid_size, (height, width))
 
 

@@ -105,11 +105,22 @@ def ti_day_step(p: TIParams, swe, temperature, precipitation, weight, temperatur
     Returns:
         (swe_new (H, W), smb_day (H, W)).
     """
-    solid = precipitation * jax.nn.sigmoid(
-        p.snow_to_rain_steepness * (p.snow_to_rain_centre - temperature)
-    )
+    snow_share, t_pos = temperature_terms(p, temperature, temperature_shift)
+    return day_balance(p, swe, precipitation, snow_share, t_pos, weight)
+
+
+def temperature_terms(p: TIParams, temperature, temperature_shift=None):
+    """The day's terms that depend on temperature only: the snow share of precipitation
+    (sigmoid) and the positive temperature T⁺ (sharpened softplus of T + Δ). Runs that see
+    the same temperature can share them (model C's computed channels)."""
+    snow_share = jax.nn.sigmoid(p.snow_to_rain_steepness * (p.snow_to_rain_centre - temperature))
     t_melt = temperature if temperature_shift is None else temperature + temperature_shift
-    t_pos = softplus_t(p.t_softplus_sharpness, t_melt)
+    return snow_share, softplus_t(p.t_softplus_sharpness, t_melt)
+
+
+def day_balance(p: TIParams, swe, precipitation, snow_share, t_pos, weight):
+    """The rest of :func:`ti_day_step` given its :func:`temperature_terms`."""
+    solid = precipitation * snow_share
     f_snow = hill(p.snow_depletion_steepness, p.snow_depletion_centre, swe)
     accumulation = p.prec_scale * solid
     # Melt "potentials" grouped as in the published code: ddf·(f·T⁺) and ri·((1−f)·T⁺).
@@ -151,9 +162,8 @@ def _ti_fwd(p, swe, temperature, precipitation, weight, temperature_shift):
     swe_new, smb = ti_day_step(p, swe, temperature, precipitation, weight, temperature_shift)
     # The slopes the backward pass needs (the outputs above are computed exactly as in the
     # forward-only step, so they are bit-identical to it).
-    sig = jax.nn.sigmoid(p.snow_to_rain_steepness * (p.snow_to_rain_centre - temperature))
+    sig, t_pos = temperature_terms(p, temperature, temperature_shift)
     t_melt = temperature if temperature_shift is None else temperature + temperature_shift
-    t_pos = softplus_t(p.t_softplus_sharpness, t_melt)
     slope_t = jax.nn.sigmoid(p.t_softplus_sharpness * t_melt)
     f_snow = hill(p.snow_depletion_steepness, p.snow_depletion_centre, swe)
     solid = precipitation * sig

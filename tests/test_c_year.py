@@ -45,7 +45,7 @@ class WholeGridGlaUnTI(GlaUnTI):
 
         def half(swe, s):  # spin-up: each half's corrections from its own initial SWE
             def compute(swe):
-                corrections = self.corrections_at(arrays, k, swe)
+                corrections = self.corrections_at(arrays, k, swe, custom_vjp)
                 swe, acc, out = run(corrections, swe, valid & (arrays.day_season[k] == s))
                 return swe, (acc, corrections, out)
 
@@ -56,7 +56,7 @@ class WholeGridGlaUnTI(GlaUnTI):
             return jax.lax.cond((s == 0) | arrays.seasonal[k], compute, skip, swe)
 
         if not spinup:
-            corrections = self.corrections_at(arrays, k, state)
+            corrections = self.corrections_at(arrays, k, state, custom_vjp)
             state, acc, out = run(corrections, state, valid)
             return state, acc, corrections, out
         swe, (accs, corrections, outs) = jax.lax.scan(half, state, jnp.arange(2))
