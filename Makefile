@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m core.demo --data_folder $(DEMO_DIR) --out_dir $(OUT_DIR)
+	$(PY) -m core.apps.demo --data_folder $(DEMO_DIR) --out_dir $(OUT_DIR)
 
 test: install
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15

@@ -7,7 +7,7 @@ continue (docs/crossvalidation.md)."""
 import argparse
 import sys
 
-from core.cli import add_data_folder, main_wrapper, positive_float
+from core.apps.cli import add_data_folder, main_wrapper, positive_float
 
 
 def parser():
@@ -40,7 +40,7 @@ def parser():
 @main_wrapper
 def main(argv=None):
     args = parser().parse_args(argv)
-    from core.crossvalidation import crossvalidate, export_results
+    from core.apps.crossvalidation import crossvalidate, export_results
 
     if args.export:
         folds = export_results(args.out_dir, args.export)

@@ -4,7 +4,7 @@ years, keep the epoch that is best on its later ones."""
 import argparse
 import sys
 
-from core.cli import add_data_folder, main_wrapper, non_negative_int, positive_float
+from core.apps.cli import add_data_folder, main_wrapper, non_negative_int, positive_float
 
 
 def parser():
@@ -36,7 +36,7 @@ def parser():
 @main_wrapper
 def main(argv=None):
     args = parser().parse_args(argv)
-    from core.run import finetune
+    from core.workflows import finetune
 
     finetune(args.glacier, data_folder=args.data_folder, init_params_path=args.init_params_path,
              final_params_path=args.final_params_path, log_path=args.log_path, epochs=args.epochs,

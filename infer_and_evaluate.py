@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from core.cli import add_data_folder, main_wrapper
+from core.apps.cli import add_data_folder, main_wrapper
 from core.models import MODELS
 
 
@@ -31,9 +31,9 @@ def main(argv=None):
     if args.unfreeze_ti:
         p.error("--unfreeze_ti is not supported: a model A fine-tuned by finetune.py loads as any "
                 "A file (pass it with --params_path); C/D with trained TI parameters do not exist here")
-    from core.evaluation import SCALES, SEASONS
+    from core.evaluate.metrics import SCALES, SEASONS
     from core.models import PUBLISHED_PARAMS
-    from core.run import infer_and_evaluate, resolve_params_path
+    from core.workflows import infer_and_evaluate, resolve_params_path
 
     params_path = resolve_params_path(args.model, args.params_path)
     result = infer_and_evaluate(args.model, args.glacier, args.smb_path, args.eval_path,

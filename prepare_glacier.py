@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import constants
-from core.cli import main_wrapper
+from core.apps.cli import main_wrapper
 
 
 def _year_file(text: str) -> tuple[int, Path]:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from core.cli import main_wrapper
+from core.apps.cli import main_wrapper
 
 
 def parser():
@@ -26,12 +26,12 @@ def main(argv=None):
     if bool(args.eval_folders) == bool(args.crossvalidation):
         p.error("give either EVAL_FOLDER(s) or --crossvalidation CV_FOLDER")
     if args.crossvalidation:
-        from core.crossvalidation import format_report, summarise_crossvalidation
+        from core.apps.crossvalidation import format_report, summarise_crossvalidation
 
         summary = summarise_crossvalidation(args.crossvalidation)
         print(json.dumps(summary, indent=1) if args.json else format_report(summary))
         return 0
-    from core.summarise import format_table, summarise
+    from core.evaluate.summary import format_table, summarise
 
     summary = summarise(args.eval_folders)
     print(json.dumps(summary, indent=1) if args.json else format_table(summary))

@@ -2,7 +2,7 @@
 
 import sys
 
-from core.cli import train_main
+from core.apps.cli import train_main
 
 main = train_main("c")
 

@@ -13,7 +13,7 @@ For each model, in a fresh subprocess (so that compile times and peak memory are
   (its training layout drops off-glacier cells for A/B and adds bucket padding);
 - inference: seconds per glacier-year of the daily-series inference of one glacier (after a
   warm-up run that compiles);
-- batching (``core.data``; planned for ``--passes`` epochs): on a GPU the glaciers of one shape
+- batching (``core.execute.sets``; planned for ``--passes`` epochs): on a GPU the glaciers of one shape
   bucket run as one vmapped computation, on a CPU glaciers share a compiled shape but run one
   after another; ``sequential_day_steps`` counts the day-loop iterations one training epoch
   (training and its validation) executes one after another over all its compiled calls (years
@@ -72,7 +72,7 @@ def _parse(argv=None):
     p.add_argument("--layout", default=None, choices=("exact", "padded", "padded_grid", "cells"),
                    help="Override the training layout ('exact' = the engine before bucketing/packing)")
     p.add_argument("--batch_bytes", type=int, default=None,
-                   help="Device memory per batch of glaciers (default: core.data.batch_budget(); "
+                   help="Device memory per batch of glaciers (default: core.execute.sets.batch_budget(); "
                         "1 = one glacier per batch)")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -121,7 +121,7 @@ def _bandwidth(jax, jnp) -> tuple[float, str]:
 def worker(args) -> dict:
     from collections import defaultdict
 
-    from core import distributed
+    from core.execute import distributed
 
     distributed.setup(cpu_devices=args.cpu_devices, compilation_cache=args.cache)
     import equinox as eqx
@@ -134,10 +134,10 @@ def worker(args) -> dict:
     jax.monitoring.register_event_duration_secs_listener(
         lambda name, secs, **kw: events.__setitem__(name, events[name] + secs))
 
-    from core.data import GlacierSet
-    from core.inference import iter_daily_smb
+    from core.execute.sets import GlacierSet
+    from core.infer.runner import iter_daily_smb
     from core.models import skeleton, trainable_filter, uses_facies
-    from core.training import epoch_gradient, make_loss_and_grad
+    from core.train.loop import epoch_gradient, make_loss_and_grad
     from dataloader import Dataset
     from glaunti.glacier import layout_for, make_arrays
 

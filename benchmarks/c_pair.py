@@ -9,7 +9,7 @@ profile_WGMS-00491.csv --fold 2``, 49×70) and Kesselwandferner (``--outline_id 
 --margin_m 1000 --fold 1``, 51×51; its observations only matter for the loss value, not the time).
 
 C starts from the published A (``params/published/a.eqx``, fresh corrector) and is trained as
-``train_c.py`` does (``core.training.train``): an epoch is the forward+gradient pass over the
+``train_c.py`` does (``core.train.loop.train``): an epoch is the forward+gradient pass over the
 training glaciers, the Adam step and the forward pass over the validation glaciers, which on
 several CPU devices runs beside the next epoch's gradient. Figures: the validation pass before
 training (compiles the forward), the first epoch (compiles the gradient), the median steady
@@ -160,7 +160,7 @@ def profile_year(model, arrays, repeats: int) -> dict:
 
 def main(argv=None) -> dict:
     args = _parse(argv)
-    from core import distributed
+    from core.execute import distributed
 
     distributed.setup(cpu_devices=args.cpu_devices, compilation_cache=args.cache)
     import jax
@@ -172,10 +172,10 @@ def main(argv=None) -> dict:
     import csv
     import tempfile
 
-    import core.training
-    from core.data import GlacierSet
+    import core.train.loop
+    from core.execute.sets import GlacierSet
     from core.models import initial_model, published_params_path
-    from core.training import TrainConfig, train
+    from core.train.loop import TrainConfig, train
     from dataloader import Dataset
     from glaunti.glacier import layout_for, make_arrays
 
@@ -189,20 +189,20 @@ def main(argv=None) -> dict:
 
     # Wall and CPU time where the training loop closes each epoch (it logs the epoch's time then).
     marks = [(time.perf_counter(), _cpu_seconds())]
-    set_epoch_time = core.training.Log.set_epoch_time
+    set_epoch_time = core.train.loop.Log.set_epoch_time
 
     def mark(log, epoch, seconds):
         marks.append((time.perf_counter(), _cpu_seconds()))
         set_epoch_time(log, epoch, seconds)
 
-    core.training.Log.set_epoch_time = mark
+    core.train.loop.Log.set_epoch_time = mark
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig(epochs=args.epochs + 1, learning_rate=1e-3, params_path=Path(tmp) / "c.eqx",
                              log_path=Path(tmp) / "c.csv", checkpoint=False, show_progress=False)
         t0 = time.perf_counter()
         train(model, train_set, val_set, config)
         rows = list(csv.DictReader(open(config.log_path)))
-    core.training.Log.set_epoch_time = set_epoch_time
+    core.train.loop.Log.set_epoch_time = set_epoch_time
     initial_validation = max(float(r["epoch_time_s"]) for r in rows if r["epoch"] == "0")
     walls = [b[0] - a[0] for a, b in zip(marks[1:], marks[2:])]
     walls.insert(0, marks[1][0] - t0 - initial_validation)

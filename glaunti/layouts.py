@@ -146,12 +146,12 @@ def host_arrays(tensors, facies: bool = False) -> dict:
 #             them with ``lax.cond``, so they cost nothing. Padded days/columns are never read.
 #             One compile per grid shape (H, W). Used for C and D (the corrector needs the grid).
 #   "padded_grid": "padded", and in a batch the grid padded (bottom/right) to the batch's grid
-#             (``core.data.plan_batches``; on a GPU a :func:`grid_bucket`) with inert cells:
+#             (``core.execute.sets.plan_batches``; on a GPU a :func:`grid_bucket`) with inert cells:
 #             outlines, fields, lapse offset and climate column 0, never a stake. Exact only for
 #             a model whose outputs on the glacier's own grid do not depend on the padding (it
 #             reads ``grid_size``); such a model says so with ``pads_grid = True`` and
 #             :func:`layout_for` then picks this layout. Glaciers of different grids can then
-#             share one compiled function (which ones: ``core.data.plan_batches``).
+#             share one compiled function (which ones: ``core.execute.sets.plan_batches``).
 #   "cells":  "padded", and the grid replaced by a (1, N) row of the cells that matter for the
 #             loss (glacier in any year, or holding a stake), N rounded up to a cell bucket with
 #             inert padding cells. Exact for the cell-independent models A and B only; one
@@ -378,7 +378,7 @@ def to_device(h: dict, device=None) -> GlacierArrays:
 
 class GlacierBatch(eqx.Module):
     """Glaciers of one bucket as one :class:`GlacierArrays` whose every array has a leading
-    glacier axis B (the engine runs it under ``jax.vmap``, ``core.loss.batch_loss``)."""
+    glacier axis B (the engine runs it under ``jax.vmap``, ``core.train.loss.batch_loss``)."""
 
     arrays: GlacierArrays
 

@@ -57,6 +57,7 @@ def clean_environment(environ: MutableMapping[str, str]) -> list[str]:
 clean_environment(os.environ)
 
 import jax  # only now: JAX reads the variables above when it is imported
+import numpy as np
 
 jax.config.update("jax_num_cpu_devices", 1)  # before any computation can start the backend
 
@@ -66,7 +67,7 @@ def clean_slate(tmp_path_factory):
     """Session start: the clean environment again (in case collection set something), the
     backend started with its one CPU device, and the session's own persistent compilation cache."""
     clean_environment(os.environ)
-    # Started now, so that core.distributed.setup() (the scripts' main functions also run
+    # Started now, so that core.execute.distributed.setup() (the scripts' main functions also run
     # in-process) finds it running and leaves the device count alone.
     assert jax.device_count() == 1 and jax.default_backend() == "cpu"
     # Fails loudly should a plugin have imported JAX before the variables were set.
@@ -137,3 +138,19 @@ def tiny_twin(tmp_path_factory):
     folder = tmp_path_factory.mktemp("twin") / "tiny"
     generate(folder, preset="tiny", seed=0)
     return folder
+
+
+def daily_series(model, arrays, tensors):
+    """The whole daily SMB series of one glacier in memory, from the inference runner
+    (``core.infer.runner.iter_daily_smb``): (DataArray (time, y, x), climate-day index of its
+    first day)."""
+    import xarray as xr
+
+    from core.infer.runner import iter_daily_smb
+
+    chunks = list(iter_daily_smb(model, arrays, tensors))
+    first_day = chunks[0][0]
+    data = np.concatenate([c for _, c in chunks])
+    dates = tensors.first_date + np.arange(first_day, first_day + len(data)).astype("timedelta64[D]")
+    coords = {"time": dates.astype("datetime64[ns]"), "y": tensors.y, "x": tensors.x}
+    return xr.DataArray(data, dims=("time", "y", "x"), coords=coords, name="smb"), first_day

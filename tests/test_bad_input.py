@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-import core.run
+import core.workflows
 import finetune
 import infer_and_evaluate
 import summarise
@@ -100,8 +100,8 @@ def no_compilation(monkeypatch):
     def trip(*args, **kwargs):
         raise Tripwire("reached model input preparation / training: the error came too late")
 
-    monkeypatch.setattr(core.run, "train", trip)
-    monkeypatch.setattr(core.run, "make_arrays", trip)
+    monkeypatch.setattr(core.workflows, "train", trip)
+    monkeypatch.setattr(core.workflows, "make_arrays", trip)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Glaciers of one shape bucket run as one vmapped computation (core.data batches,
-core.loss.batch_loss): per-glacier losses, terms and the summed gradient equal the per-glacier
+"""Glaciers of one shape bucket run as one vmapped computation (core.execute.sets batches,
+core.train.loss.batch_loss): per-glacier losses, terms and the summed gradient equal the per-glacier
 engine's, the grid padding of "padded_grid" is inert, and batches depend only on the glaciers
 and the memory budget (docs/performance.md)."""
 
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from conftest import PUBLISHED, reference_path
-from core.data import GlacierSet, GlacierShape, assign_devices, plan_batches
-from core.loss import batch_loss, glacier_loss
+from core.execute.sets import GlacierSet, GlacierShape, assign_devices, plan_batches
 from core.models import load_model, trainable_filter
-from core.training import evaluate_glaciers, make_loss_and_grad, sum_gradients
+from core.train.loop import evaluate_glaciers, make_loss_and_grad, sum_gradients
+from core.train.loss import batch_loss, glacier_loss
 from dataloader import Dataset
 from glaunti.layouts import (
     GlacierBatch,
@@ -259,9 +259,9 @@ def test_batched_inference_equals_per_glacier(model_name, tiny_reference_dataset
     the snowpack to 7e-6 m w.e. on a few days; C's masked corrector also sums in another order)."""
     import xarray as xr
 
-    from core.inference import iter_daily_smb, write_daily_smb_batch
+    from core.infer.runner import iter_daily_smb, write_daily_smb_batch
     from core.models import uses_facies
-    from core.run import inference_layout
+    from core.workflows import inference_layout
 
     dataset = tiny_reference_dataset
     model = load_model(model_name, PUBLISHED / f"{model_name}.eqx")
@@ -287,7 +287,7 @@ def test_batched_inference_equals_per_glacier(model_name, tiny_reference_dataset
 def test_infer_and_evaluate_many_writes_what_one_by_one_writes(tiny_reference_copy, tmp_path):
     """The batched entry point (as the demo uses it) gives each glacier the evaluation that
     infer_and_evaluate gives it alone."""
-    from core.run import infer_and_evaluate, infer_and_evaluate_many
+    from core.workflows import infer_and_evaluate, infer_and_evaluate_many
 
     names = Dataset(tiny_reference_copy).names
     many = infer_and_evaluate_many("a", names, [tmp_path / "many" / f"{n}.nc" for n in names],
@@ -306,7 +306,7 @@ def test_shared_shapes_compile_beside_each_other():
     a shared one on the device with the fewest shapes to compile, not after another shape."""
     from types import SimpleNamespace
 
-    from core.training import _compiling_devices
+    from core.train.loop import _compiling_devices
 
     class Planned:
         def batches(self):

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from core.loss import glacier_loss
 from core.models import load_model, published_params_path, trainable_filter, uses_facies
+from core.train.loss import glacier_loss
 from glaunti.glacier import make_arrays, published_precision, run_glacier, scan_block
 from glaunti.ti_corr_model import GlaUnTI
 from glaunti.ti_model import apply_corrections, ti_step

@@ -1,4 +1,4 @@
-"""Cross-validation (crossvalidate.py, core.crossvalidation): the fold rotation, the local
+"""Cross-validation (crossvalidate.py, core.apps.crossvalidation): the fold rotation, the local
 baseline's years, and a reduced run on the tiny twin (two folds, one epoch, model A and the
 local A) whose tables are checked against its evaluation files, and whose resumed runs end
 with the same tables, byte for byte, as an uninterrupted one."""
@@ -18,11 +18,11 @@ import xarray as xr
 
 import crossvalidate
 import summarise
-from core import crossvalidation
-from core.crossvalidation import LOCAL, Rotation, label, local_split, make_plan, rotations
-from core.evaluation import evaluate
+from core.apps import crossvalidation
+from core.apps.crossvalidation import LOCAL, Rotation, label, local_split, make_plan, rotations
+from core.evaluate.metrics import evaluate
 from core.models import load_model, published_params_path
-from core.run import evaluate_smb_file, infer_and_evaluate
+from core.workflows import evaluate_smb_file, infer_and_evaluate
 from dataloader.dataset import Dataset
 
 # One epoch of everything (published epochs × 0.001, at least one), model A and the local A: each
@@ -118,7 +118,7 @@ def _rmse(folders, scale, season):
 
 def test_rotations_free_the_compiled_functions_of_the_last(runs):
     """Once, when fold 1 begins (the memory maps of one rotation's executables are freed before
-    the next compiles: ``core.training.release_compiled``)."""
+    the next compiles: ``core.execute.compiles.release_compiled``)."""
     assert runs["releases"] == [["fold_0"]]
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import PUBLISHED, REPO
-from core.loss import glacier_loss
 from core.models import EPOCHS, MODELS, load_model, skeleton
+from core.train.loss import glacier_loss
 from glaunti import registry
 from glaunti.glacier import make_arrays, run_glacier, scan_block, walk_years, year_step
 from glaunti.params import load_params, save_params

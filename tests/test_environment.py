@@ -43,7 +43,7 @@ def test_clean_environment_removes_what_steers_the_code():
 
 def test_session_sees_a_clean_slate(tmp_path_factory):
     """Run in this session and, by the test below, in a session started from a hostile shell."""
-    from core.distributed import _distributed_args
+    from core.execute.distributed import _distributed_args
     from dataloader.cache import CACHE_DIR_ENV
     from dataloader.dataset import DATA_FOLDER_ENV, resolve_data_folder
     from glaunti import glacier

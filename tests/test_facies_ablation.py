@@ -1,4 +1,4 @@
-"""The facies ablation (core/facies_ablation.py): D with and without its maps, map years only,
+"""The facies ablation (core/apps/facies_ablation.py): D with and without its maps, map years only,
 scored exactly as the full evaluation scores those years."""
 
 from __future__ import annotations
@@ -9,17 +9,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.evaluation import SCALES, SEASONS, evaluate, pool
-from core.facies_ablation import (
+from conftest import daily_series
+from core.apps.facies_ablation import (
     DaySpans,
     facies_ablation,
     keep_days,
     main,
     map_year_tensors,
 )
-from core.inference import infer
+from core.evaluate.metrics import SCALES, SEASONS, evaluate, pool
 from core.models import load_model, published_params_path
-from core.run import infer_and_evaluate
+from core.workflows import infer_and_evaluate
 from dataloader import Dataset
 from glaunti.layouts import make_arrays
 
@@ -76,7 +76,7 @@ def test_ablation_scores_map_years_as_the_full_evaluation(tiny_twin, mapped, tmp
 
     # Without maps: D on C's inputs, the whole series in memory, scored on the map years.
     tensors = Dataset(tiny_twin).glacier(name)
-    daily, first_day = infer(load_model("d", PUBLISHED_D), make_arrays(tensors, facies=False), tensors)
+    daily, first_day = daily_series(load_model("d", PUBLISHED_D), make_arrays(tensors, facies=False), tensors)
     expected = evaluate(map_year_tensors(tensors), daily.values, first_day)
     _assert_same_metrics(result["without_maps"], pool([expected]))
 

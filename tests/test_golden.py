@@ -11,12 +11,11 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import PUBLISHED, reference_path
-from core.evaluation import evaluate
-from core.inference import infer
-from core.loss import aux_to_python
+from conftest import PUBLISHED, daily_series, reference_path
+from core.evaluate.metrics import evaluate
 from core.models import load_model, trainable_filter, uses_facies
-from core.training import make_loss_and_grad
+from core.train.loop import make_loss_and_grad
+from core.train.loss import aux_to_python
 from glaunti.glacier import make_arrays
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -87,7 +86,7 @@ def test_daily_series_and_evaluation(model_name, glaciers):
     model = published(model_name)
     for name, tensors in glaciers.items():
         arrays = make_arrays(tensors, facies=uses_facies(model_name))
-        daily, first_day = infer(model, arrays, tensors)
+        daily, first_day = daily_series(model, arrays, tensors)
         want = expected("smb_summary.json")["models"][model_name][name]
         assert list(daily.dims) == want["dims"]
         assert list(daily.shape) == want["shape"]

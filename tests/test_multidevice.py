@@ -20,7 +20,7 @@ import pytest
 
 from conftest import PUBLISHED, reference_path
 from core.models import load_model, trainable_filter, uses_facies
-from core.training import make_loss_and_grad
+from core.train.loop import make_loss_and_grad
 from glaunti.glacier import cell_bucket, make_arrays
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ RTOL, ATOL = 1e-4, 1e-5
 
 TRAIN = """
 import sys
-from core.run import calibrate
+from core.workflows import calibrate
 import jax
 calibrate(sys.argv[1], data_folder=sys.argv[2], epochs=2, learning_rate=0.05, params_path=sys.argv[3],
           log_path=sys.argv[4], show_progress=False)
@@ -142,40 +142,10 @@ def test_cell_buckets():
         assert b >= n and (b <= 128 or b <= 1.25 * n + 1)
 
 
-INFER = """
-import hashlib, json, sys
-import jax, numpy as np
-from core.inference import infer, map_glaciers
-from core.models import skeleton
-from dataloader import Dataset
-from glaunti.glacier import make_arrays
-dataset = Dataset(sys.argv[1], cache_dir=sys.argv[2])
-model = skeleton("a")
-def run(name, device):
-    tensors = dataset.glacier(name)
-    daily, _ = infer(model, make_arrays(tensors, device=device), tensors)
-    return hashlib.sha256(np.ascontiguousarray(daily.values).tobytes()).hexdigest()
-print("HASHES", json.dumps([jax.device_count()] + map_glaciers(run, dataset.names)), flush=True)
-"""
-
-
-def test_inference_on_four_devices_bit_identical(tiny_twin, tmp_path):
-    outputs = []
-    for flags in ("", "--xla_force_host_platform_device_count=4"):
-        env = _env(tmp_path, XLA_FLAGS=flags)
-        proc = subprocess.run([sys.executable, "-c", INFER, str(tiny_twin), str(tmp_path / "cache")], cwd=REPO,
-                              env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("HASHES "))
-        outputs.append(json.loads(line[len("HASHES "):]))
-    assert outputs[0][0] == 1 and outputs[1][0] == 4
-    assert outputs[0][1:] == outputs[1][1:]
-
-
 @pytest.mark.parametrize("model_name", ["a", "b"])
 def test_cell_chunking_is_exact(model_name, tiny_reference_dataset):
     """The memory guard (chunks of cells) gives the same loss and gradient as one piece."""
-    from core.loss import glacier_loss
+    from core.train.loss import glacier_loss
     from glaunti import glacier
 
     model = load_model(model_name, PUBLISHED / f"{model_name}.eqx")
@@ -201,9 +171,9 @@ INFER_MANY = """
 import hashlib, json, sys
 from pathlib import Path
 import jax, netCDF4, numpy as np
-import core.inference
-from core.run import infer_and_evaluate_many
-core.inference.inference_devices = lambda batches, n: [j % n for j in range(len(batches))]  # all busy
+import core.infer.runner
+from core.workflows import infer_and_evaluate_many
+core.infer.runner.inference_devices = lambda batches, n: [j % n for j in range(len(batches))]  # all busy
 from dataloader import Dataset
 out = Path(sys.argv[2])
 names = Dataset(sys.argv[1]).names
@@ -238,9 +208,9 @@ def test_a_failing_device_thread_leaves_no_unfinished_files(tiny_reference_copy,
     neither the unfinished batches' files nor temporaries; batches already written stay whole."""
     import jax
 
-    from core import inference
-    from core.data import GlacierSet
-    from core.run import inference_layout
+    from core.execute.sets import GlacierSet
+    from core.infer import runner as inference
+    from core.workflows import inference_layout
     from dataloader import Dataset
 
     dataset = Dataset(tiny_reference_copy)
@@ -273,11 +243,11 @@ def test_a_failing_device_thread_leaves_no_unfinished_files(tiny_reference_copy,
 
 SHARED_COMPILE = """
 import json, sys
-from core import distributed
+from core.execute import distributed
 distributed.setup(cpu_devices=2)
 import equinox as eqx, jax, numpy as np
 from core.models import load_model, trainable_filter
-from core.training import evaluate_glaciers, make_loss_and_grad
+from core.train.loop import evaluate_glaciers, make_loss_and_grad
 from dataloader import Dataset
 from glaunti.glacier import make_arrays
 hits = []

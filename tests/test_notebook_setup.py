@@ -1,4 +1,4 @@
-"""core.notebook.setup, the cell the three analysis notebooks share: it picks the dataset,
+"""core.apps.notebook.setup, the cell the three analysis notebooks share: it picks the dataset,
 glacier and output folder from its arguments, then the environment, then the defaults; loads
 model A from a parameter file when there is one; and writes figures and key numbers where the
 notebook tests look for them. (Its fine-tuning fallback runs in tests/test_notebooks.py.)"""
@@ -11,7 +11,7 @@ import pytest
 from matplotlib.figure import Figure
 
 import constants
-from core.notebook import fast_mode, setup
+from core.apps.notebook import fast_mode, setup
 from dataloader import DataError, Dataset
 from glaunti import PARAM_NAMES, TIModel, save_params
 

@@ -15,7 +15,8 @@ import pytest
 import xarray as xr
 
 import infer_and_evaluate
-from core.inference import CHUNK_VALUES, MAP_VALUES, DailySMBFile, chunk_shape, infer, write_netcdf
+from conftest import daily_series
+from core.infer.netcdf import CHUNK_VALUES, MAP_VALUES, DailySMBFile, chunk_shape, write_netcdf
 from core.io import atomic_write, atomic_write_json, atomic_write_text
 from core.models import skeleton
 from dataloader import Dataset
@@ -112,7 +113,7 @@ def test_numpy_repr_geotransform_is_rejected(tiny_twin, tmp_path):
 def test_daily_smb_metadata_and_values(daily_smb, tiny_twin):
     smb_path, _, glacier = daily_smb
     tensors = Dataset(tiny_twin).glacier(glacier)
-    expected, first_day = infer(skeleton("a"), make_arrays(tensors), tensors)
+    expected, first_day = daily_series(skeleton("a"), make_arrays(tensors), tensors)
     with xr.open_dataset(smb_path, decode_coords="all") as ds:
         smb = ds["smb"]
         assert smb.attrs["units"] == "m w.e. d-1"
@@ -125,9 +126,10 @@ def test_daily_smb_metadata_and_values(daily_smb, tiny_twin):
 
 
 def test_inference_says_when_it_compiles(tiny_twin, capsys, monkeypatch):
-    from core import inference, training
+    from core.execute import compiles
+    from core.infer import runner as inference
 
-    monkeypatch.setattr(training, "_COMPILED", {})
+    monkeypatch.setattr(compiles, "_COMPILED", {})
     tensors = Dataset(tiny_twin).glacier(Dataset(tiny_twin).names[0])
     arrays = make_arrays(tensors)
     first = list(inference.iter_daily_smb(skeleton("a"), arrays, tensors))
@@ -138,7 +140,7 @@ def test_inference_says_when_it_compiles(tiny_twin, capsys, monkeypatch):
     again = list(inference.iter_daily_smb(skeleton("a"), arrays, tensors))
     assert "compiling" not in capsys.readouterr().err
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(first, again))
-    training.release_compiled()  # freed: the next call compiles (or loads) again, and says so
+    compiles.release_compiled()  # freed: the next call compiles (or loads) again, and says so
     after = list(inference.iter_daily_smb(skeleton("a"), arrays, tensors))
     assert f"compiling model A inference for {height}×{width}…" in capsys.readouterr().err
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(first, after))
@@ -151,7 +153,7 @@ def test_released_executables_give_back_their_memory_maps():
     import jax
     import jax.numpy as jnp
 
-    from core.training import release_compiled
+    from core.execute.compiles import release_compiled
 
     def maps():
         return len(Path("/proc/self/maps").read_text().splitlines())

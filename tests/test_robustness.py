@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import core.io
-import core.training
+import core.train.loop
 import finetune
 import train_a
 import train_b
@@ -105,7 +105,7 @@ def _glacier(tiny_twin):
 
 
 def _write_nc_failing(path: Path, tiny_twin) -> None:
-    from core.inference import write_netcdf
+    from core.infer.netcdf import write_netcdf
 
     tensors = _glacier(tiny_twin)
 
@@ -136,7 +136,7 @@ def _checkpoint_failing(path: Path, monkeypatch) -> None:
 
     monkeypatch.setattr(eqx, "tree_serialise_leaves", serialise)
     model = skeleton("a")
-    core.training.Checkpoint(model, model, None, 1, 1, 0.5).save(path)
+    core.train.loop.Checkpoint(model, model, None, 1, 1, 0.5).save(path)
 
 
 def _log_failing(path: Path, monkeypatch) -> None:
@@ -147,7 +147,7 @@ def _log_failing(path: Path, monkeypatch) -> None:
         raise Boom("quota exceeded")
 
     monkeypatch.setattr(Path, "write_text", write_text)
-    log = core.training.Log(path, None)
+    log = core.train.loop.Log(path, None)
     log.add({"epoch": 1, "glacier": "x", "subset": "train", "loss": 1.0})
     log.flush()
 
@@ -342,7 +342,7 @@ def _poison(monkeypatch, epoch: int, glacier: int, what: str, snapshot: Path, se
     order) at `epoch` return a non-finite loss or gradient; remember the params file's bytes at
     that moment. Epochs and glaciers are recognised by the values of the parameters and
     arrays passed in (the n-th distinct ones), not by counting calls."""
-    real = core.training.make_loss_and_grad
+    real = core.train.loop.make_loss_and_grad
     epochs, glaciers = [], []
 
     def patched():
@@ -364,7 +364,7 @@ def _poison(monkeypatch, epoch: int, glacier: int, what: str, snapshot: Path, se
 
         return poisoned, value
 
-    monkeypatch.setattr(core.training, "make_loss_and_grad", patched)
+    monkeypatch.setattr(core.train.loop, "make_loss_and_grad", patched)
 
 
 @pytest.mark.parametrize("what, epoch, glacier, overlap", [("loss", 2, 1, False), ("gradient", 1, 0, False),
@@ -377,7 +377,7 @@ def test_non_finite_training_stops_and_keeps_params(small, tmp_path, monkeypatch
     train_names = _train_names(small)
     params, log = tmp_path / "a.eqx", tmp_path / "a.csv"
     seen = {}
-    monkeypatch.setattr(core.training, "overlaps_validation", lambda placement: overlap)
+    monkeypatch.setattr(core.train.loop, "overlaps_validation", lambda placement: overlap)
     # One glacier per batch, so that the poisoned call is one glacier's (a batch's gradient is
     # the sum over its glaciers and could only name all of them).
     monkeypatch.setenv("GLAUNTI_BATCH_BYTES", "1")
@@ -402,7 +402,7 @@ def test_overlapped_validation_changes_no_number(small, tmp_path, monkeypatch):
     """Validation beside the next epoch's gradient (a background thread) gives the same params
     file and log rows as validation in turn."""
     def run(folder, overlap):
-        monkeypatch.setattr(core.training, "overlaps_validation", lambda placement: overlap)
+        monkeypatch.setattr(core.train.loop, "overlaps_validation", lambda placement: overlap)
         assert train_a.main(["--data_folder", str(small), "--epochs", "3", "--learning_rate", "0.05",
                              "--quiet", "--params_path", str(folder / "a.eqx"),
                              "--log_path", str(folder / "a.csv")]) == 0
@@ -483,7 +483,7 @@ def test_resume_b_after_crash_is_bitwise_identical(small, tmp_path, monkeypatch,
     full, part = tmp_path / "full", tmp_path / "part"
     assert run(full) == 0
 
-    real_flush, flushes = core.training.Log.flush, [0]
+    real_flush, flushes = core.train.loop.Log.flush, [0]
 
     def crash(self):
         flushes[0] += 1
@@ -491,7 +491,7 @@ def test_resume_b_after_crash_is_bitwise_identical(small, tmp_path, monkeypatch,
             raise KeyboardInterrupt
         real_flush(self)
 
-    monkeypatch.setattr(core.training.Log, "flush", crash)
+    monkeypatch.setattr(core.train.loop.Log, "flush", crash)
     assert run(part) == 130
     assert "interrupted" in capsys.readouterr().err
     monkeypatch.undo()

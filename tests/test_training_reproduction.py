@@ -22,14 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import core.run
+import core.workflows
 from conftest import reference_path
-from core.cli import train_main
-from core.data import with_study_years
-from core.loss import data_loss, data_terms
+from core.apps.cli import train_main
+from core.execute.sets import with_study_years
 from core.models import initial_model, load_model, trainable_filter
-from core.run import finetune
-from core.training import make_loss_and_grad, make_optimiser
+from core.train.loop import make_loss_and_grad, make_optimiser
+from core.train.loss import data_loss, data_terms
+from core.workflows import finetune
 from dataloader import Dataset
 from glaunti.glacier import initial_state, layout_for, make_arrays, season_fields, walk_years
 from glaunti.params import authors_tree, load_params
@@ -129,7 +129,7 @@ def nudge_ulps(model, seed: int):
 
 
 def nudged_initial_model(build, nudge_seed: int, *args, **kwargs):
-    """``build`` (core.run's initial_model), nudged: what calibrate starts from in a nudged run."""
+    """``build`` (core.workflows's initial_model), nudged: what calibrate starts from in a nudged run."""
     return nudge_ulps(build(*args, **kwargs), nudge_seed)
 
 
@@ -154,9 +154,9 @@ def test_three_epochs_follow_the_authors_log(kind, tiny_reference_copy, tmp_path
         return
     assert_rows_close(ours, theirs, C_STRICT_ROWS, kind)
 
-    ensemble, start = [ours], core.run.initial_model
+    ensemble, start = [ours], core.workflows.initial_model
     for seed in range(C_NUDGES):
-        monkeypatch.setattr(core.run, "initial_model", functools.partial(nudged_initial_model, start, seed))
+        monkeypatch.setattr(core.workflows, "initial_model", functools.partial(nudged_initial_model, start, seed))
         ensemble.append(train_three_epochs(kind, tiny_reference_copy, tmp_path / f"nudged{seed}"))
     assert_within_spread(ensemble, theirs, sorted(set(theirs) - C_STRICT_ROWS))
 

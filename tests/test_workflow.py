@@ -24,7 +24,7 @@ import train_a
 import train_b
 import train_c
 import train_d
-from core.evaluation import SCALES, SEASONS, metrics
+from core.evaluate.metrics import SCALES, SEASONS, metrics
 from core.models import load_model
 from dataloader import Dataset
 
@@ -196,7 +196,7 @@ def test_scripts_have_help():
 def test_demo_runs_end_to_end_on_a_tiny_twin(tiny_twin, tmp_path, capsys):
     """`make demo`'s job, scaled down (model A, one epoch, no real glacier): every test glacier
     gets its daily SMB file and evaluation (batched inference), and the summary is written."""
-    from core import demo
+    from core.apps import demo
 
     out = tmp_path / "out"
     assert demo.main(["--data_folder", str(tiny_twin), "--out_dir", str(out), "--models", "a",

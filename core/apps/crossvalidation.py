@@ -4,7 +4,7 @@
 Rotation ``k`` tests fold ``k``, validates on the next fold (cyclically, in the dataset's
 ascending fold order) and trains on all others, with the published schedule A → B → C → D.
 For each test glacier, model A is also fine-tuned on the glacier's own early years (the
-published fine-tuning, ``core.run.finetune``) and scored, side by side with every transferred
+published fine-tuning, ``core.workflows.finetune``) and scored, side by side with every transferred
 model, on the glacier's later years only (:func:`local_split`).
 
 Everything goes under one output folder::
@@ -36,10 +36,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from core import distributed
+from core.evaluate.summary import SummaryError, format_spread_table, format_table, pool_folders, spread
+from core.execute import distributed
+from core.execute.compiles import release_compiled
 from core.io import atomic_path, atomic_write_json, atomic_write_text
 from core.models import DEFAULT_SEED, DESCRIPTIONS, EPOCHS, MODELS, STARTS_FROM
-from core.run import (
+from core.workflows import (
     FINETUNE_EPOCHS,
     FINETUNE_TRAIN_YEARS,
     FINETUNE_VAL_YEARS,
@@ -49,8 +51,6 @@ from core.run import (
     infer_and_evaluate,
     infer_and_evaluate_many,
 )
-from core.summarise import SummaryError, format_spread_table, format_table, pool_folders, spread
-from core.training import release_compiled
 from dataloader.dataset import Dataset, resolve_data_folder
 
 SETTINGS = "crossvalidation.json"
@@ -424,7 +424,7 @@ def summarise_crossvalidation(out_dir, folds: Sequence[int] | None = None) -> di
     ``folds`` (default: every completed fold) are the test folds pooled. Returns
     ``{"folds", "transferred": part, "local": part or None}`` with ``part = {"pooled": {label:
     summary}, "per_fold": {label: {"fold_k": summary}}, "spread": {label: spread}}`` (summaries as
-    ``core.summarise.pool_folders``)."""
+    ``core.evaluate.summary.pool_folders``)."""
     out = Path(out_dir)
     settings = _read_settings(out)
     folds = completed_folds(out) if folds is None else [int(f) for f in folds]

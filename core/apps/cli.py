@@ -20,9 +20,9 @@ def add_data_folder(parser: argparse.ArgumentParser) -> None:
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
+    from core.evaluate.summary import SummaryError
     from core.io import OutputError
-    from core.summarise import SummaryError
-    from core.training import TrainingError
+    from core.train.loop import TrainingError
     from dataloader.errors import DataError
     from glaunti.params import ParamsError
 
@@ -115,7 +115,7 @@ def train_main(model: str):
 
     @main_wrapper
     def main(argv=None):
-        from core.run import calibrate
+        from core.workflows import calibrate
 
         args = train_parser(model).parse_args(argv)
         calibrate(

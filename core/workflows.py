@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 
 import constants
-from core import distributed
-from core.data import GlacierSet, with_study_years
-from core.evaluation import evaluate
-from core.inference import SMB_VARIABLE, iter_daily_smb, write_daily_smb_batches, write_netcdf
+from core.evaluate.metrics import evaluate
+from core.execute import distributed
+from core.execute.sets import GlacierSet, with_study_years
+from core.infer.netcdf import SMB_VARIABLE, write_netcdf
+from core.infer.runner import iter_daily_smb, write_daily_smb_batches
 from core.io import atomic_write_json, check_output_paths
 from core.models import (
     DEFAULT_SEED,
@@ -21,7 +22,7 @@ from core.models import (
     published_params_path,
     uses_facies,
 )
-from core.training import TrainConfig, train
+from core.train.loop import TrainConfig, train
 from dataloader import DataError, Dataset, resolve_data_folder
 from glaunti.layouts import layout_for, make_arrays
 from glaunti.params import load_params
@@ -34,7 +35,7 @@ def calibrate(model_name: str, data_folder=None, epochs=None, learning_rate=1e-3
     schedule, ``core.models.EPOCHS``); returns (best model, final state).
 
     ``val_fold`` picks the best epoch, ``test_fold`` is held out, every other fold trains
-    (defaults: the published split; ``core.crossvalidation`` rotates them).
+    (defaults: the published split; ``core.apps.crossvalidation`` rotates them).
 
     Everything that can be checked cheaply is checked before the first compilation: the output
     paths, the starting parameters and every training and validation glacier (read once into
@@ -74,7 +75,7 @@ def infer_and_evaluate(model_name: str, glacier: str, smb_path, eval_path, param
     """Daily SMB NetCDF + evaluation JSON of one glacier; returns the evaluation dict.
 
     The SMB covers every study year; ``years`` = (first, last) scores only those balance years
-    (``core.evaluation.evaluate``), None all of them."""
+    (``core.evaluate.metrics.evaluate``), None all of them."""
     check_output_paths(smb_path=smb_path, eval_path=eval_path)
     distributed.setup()
     dataset = Dataset(resolve_data_folder(data_folder))
@@ -103,10 +104,10 @@ def inference_layout(model) -> str | None:
 def infer_and_evaluate_many(model_name: str, glaciers, smb_paths, eval_paths, params_path=None,
                             data_folder=None, model=None, years=None) -> list[dict]:
     """:func:`infer_and_evaluate` of several glaciers, batched as training batches them
-    (``core.data.GlacierSet``): on a GPU the glaciers of one grid bucket run as one vmapped
+    (``core.execute.sets.GlacierSet``): on a GPU the glaciers of one grid bucket run as one vmapped
     computation, on a CPU one at a time in shape classes that share a compiled function; the
     batches are spread over the local devices (one computing thread each, every file written
-    from this thread: ``core.inference.write_daily_smb_batches``). The
+    from this thread: ``core.infer.runner.write_daily_smb_batches``). The
     files are those of the glacier run alone, up to float32 rounding where a batch pads C/D's
     grid (the masked corrector; docs/performance.md). Returns the evaluation dicts in order."""
     glaciers, smb_paths, eval_paths = list(glaciers), list(smb_paths), list(eval_paths)
@@ -196,7 +197,7 @@ def finetune(glacier: str, data_folder=None, init_params_path="params/a.eqx",
     ``validation="carried"`` is the published rule (an epoch's validation loss continues its
     training pass, no epoch-0 candidate); ``"rerun"`` validates the parameters after each step
     and the starting ones, so that the kept parameters are exactly those validated
-    (``core.training``)."""
+    (``core.train.loop``)."""
     safe = glacier.replace(" ", "_")
     final_params_path = Path(final_params_path or f"params/a_{safe}.eqx")
     log_path = Path(log_path or f"logs/a_{safe}.csv")

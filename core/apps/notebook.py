@@ -30,7 +30,7 @@ import numpy as np
 import constants
 from core.io import atomic_path, atomic_write_json
 from core.models import load_model
-from core.run import finetune
+from core.workflows import finetune
 from dataloader import DataError, Dataset, resolve_data_folder
 from dataloader.tensors import GlacierTensors
 from glaunti import TIModel, save_params

@@ -5,7 +5,7 @@ the −1 placeholder in their place (the inputs model C gets), and both are scor
 years that have a map only (in the other years both runs are identical). Point and glacier-wide
 metrics per season are pooled over the glaciers (docs/synthetic_twin.md, "Science check").
 
-    python -m core.facies_ablation --params_path outputs/science/params/d.eqx \\
+    python -m core.apps.facies_ablation --params_path outputs/science/params/d.eqx \\
         --data_folder data/science [--glaciers NAME ...] [--json ablation.json]
 """
 
@@ -18,14 +18,14 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from core import distributed
-from core.cli import add_data_folder, main_wrapper
-from core.evaluation import evaluate, pool
-from core.inference import iter_daily_smb
+from core.apps.cli import add_data_folder, main_wrapper
+from core.evaluate.metrics import evaluate, pool
+from core.evaluate.summary import format_table
+from core.execute import distributed
+from core.infer.runner import iter_daily_smb
 from core.io import atomic_write_json
 from core.models import load_model
-from core.run import resolve_params_path
-from core.summarise import format_table
+from core.workflows import resolve_params_path
 from dataloader import Dataset, resolve_data_folder
 from glaunti.layouts import make_arrays
 
@@ -103,7 +103,7 @@ def map_year_tensors(tensors):
 
 
 def evaluate_variants(model, tensors) -> dict[str, dict]:
-    """``{variant: evaluation}`` of one glacier, map years only (``core.evaluation.evaluate``)."""
+    """``{variant: evaluation}`` of one glacier, map years only (``core.evaluate.metrics.evaluate``)."""
     scored = map_year_tensors(tensors)
     windows = scored_windows(scored)
     out = {}
@@ -127,7 +127,7 @@ def facies_ablation(data_folder=None, params_path=None, glaciers: Sequence[str] 
 
     Returns ``{"params_path", "glaciers": {name: [map years]}, "with_maps": pooled,
     "without_maps": pooled, "per_glacier": {name: {variant: pooled}}}``, where pooled is
-    ``core.evaluation.pool``'s ``{scale: {season: metrics}}``. Glaciers without a map in a study
+    ``core.evaluate.metrics.pool``'s ``{scale: {season: metrics}}``. Glaciers without a map in a study
     year are listed with no years and not scored.
     """
     distributed.setup()
@@ -169,7 +169,7 @@ def format_ablation(result: dict) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m core.facies_ablation", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m core.apps.facies_ablation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params_path", default=None,
                    help="D's parameters (.eqx); default params/d.eqx if trained, else the published "

@@ -1,7 +1,7 @@
 """The README's main job: synthetic twin → train A, B, C, D → evaluate every test glacier →
 summary table and figure.
 
-    python -m core.demo [--data_folder data/demo] [--out_dir outputs/demo] [--preset demo]
+    python -m core.apps.demo [--data_folder data/demo] [--out_dir outputs/demo] [--preset demo]
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import sys
 import time
 from pathlib import Path
 
-from core.cli import main_wrapper
+from core.apps.cli import main_wrapper
+from core.evaluate.summary import format_table, summarise
 from core.io import atomic_write_json, atomic_write_text
 from core.models import DESCRIPTIONS, EPOCHS, MODELS, STARTS_FROM
-from core.run import calibrate, infer_and_evaluate_many
-from core.summarise import format_table, summarise
+from core.workflows import calibrate, infer_and_evaluate_many
 from dataloader import Dataset
 from dataloader.synthetic import PRESETS
 from glaunti.glacier import SEASONS
@@ -129,7 +129,7 @@ def main(argv=None):
               "its numbers here say nothing about the model (--epochs_scale 1 runs the published schedule).")
     print(f"\nfigure: {figure}", flush=True)
     if not args.no_real:
-        from core.own_glacier import run as run_real_glacier
+        from core.apps.own_glacier import run as run_real_glacier
 
         print("\nA real glacier from public sources (examples/hintereisferner):", flush=True)
         run_real_glacier(Path(args.real_data_folder), out / "real")

@@ -1,9 +1,9 @@
 """Where glaciers run: every local device, and several processes (hosts) with ``jax.distributed``.
 
 Calibration and inference spread glaciers over all devices JAX sees. Work item ``i`` (a batch
-of glaciers in training, ``core.data``, or one glacier; in a fixed order) belongs to process
+of glaciers in training, ``core.execute.sets``, or one glacier; in a fixed order) belongs to process
 ``i % P`` and, inside it, to local device ``(i // P) % n_local`` (with one process, training
-batches go where ``core.data.assign_devices`` puts them: a shape compiles once per device).
+batches go where ``core.execute.sets.assign_devices`` puts them: a shape compiles once per device).
 Each process computes the losses and gradients of its own items (JAX's asynchronous dispatch
 keeps all its devices busy), the results are gathered to every process, and the gradients are
 summed on the host in the fixed item order. Batches depend only on the glaciers and a memory
@@ -159,7 +159,7 @@ def setup(cpu_devices: int | None = None, compilation_cache: bool = True) -> Non
     if args is not None:
         if not fresh:
             raise RuntimeError("jax.distributed must start before any JAX computation; call "
-                               "core.distributed.setup() first")
+                               "core.execute.distributed.setup() first")
         # CPU hosts exchange the per-glacier results with gloo (GPUs use NCCL).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(**args)
@@ -189,7 +189,7 @@ class Placement:
         self.n_processes = jax.process_count()
         self.process = jax.process_index()
         self.offset = int(offset)
-        # Local device index per item (one process only), e.g. ``core.data.assign_devices``.
+        # Local device index per item (one process only), e.g. ``core.execute.sets.assign_devices``.
         self.assignment = None if assignment is None else list(assignment)
 
     def owner(self, i: int) -> int:

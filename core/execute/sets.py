@@ -245,7 +245,7 @@ def assign_devices(batches: Sequence[Batch], n_devices: int, passes: int = 1,
 
     XLA compiles a function once for every device it runs on, so a batch shape spread over N
     devices compiles N times (on CPUs with the persistent cache the others load the first
-    device's compile, ``core.distributed.share_cpu_executables``; priced as a compile here all
+    device's compile, ``core.execute.distributed.share_cpu_executables``; priced as a compile here all
     the same). A device's time is ``passes`` × its batches' computed cell-days
     plus ``compile_cell_days`` per signature it runs (each device has its own core, so devices
     compile in parallel). Of two plans the one that finishes first (ties: the first):
@@ -301,7 +301,7 @@ def assign_devices(batches: Sequence[Batch], n_devices: int, passes: int = 1,
 
 def compile_owners(signatures: Sequence, by_device: dict, done=frozenset()) -> dict:
     """Work item → the device that compiles its shape, for devices that share executables
-    (``core.distributed.share_cpu_executables``; ``by_device``: device → its items, ``done``:
+    (``core.execute.distributed.share_cpu_executables``; ``by_device``: device → its items, ``done``:
     shapes compiled already). A shape one device runs alone compiles there, a shared one on the
     device with the fewest shapes to compile so far (stable: the first such device), so that the
     shapes compile side by side; the other devices run their share of it last, loading the

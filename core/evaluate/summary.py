@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.evaluation import SCALES, SEASONS, pool
+from core.evaluate.metrics import SCALES, SEASONS, pool
 
 
 class SummaryError(ValueError):

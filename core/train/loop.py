@@ -12,21 +12,21 @@ glaciers) follows one of two published rules (``TrainConfig.validation``):
   step e run the validation years. There is no epoch-0 candidate; when the loss improves, the
   parameters after step e are kept.
 
-The glaciers of a ``core.data.GlacierSet`` run in batches: glaciers of one shape bucket of the
+The glaciers of a ``core.execute.sets.GlacierSet`` run in batches: glaciers of one shape bucket of the
 training layouts (``glaunti.layouts``), stacked and run as one vmapped computation
-(``core.loss.batch_loss``: spin-up and all study years, each glacier's loss and terms, the
+(``core.train.loss.batch_loss``: spin-up and all study years, each glacier's loss and terms, the
 gradient of their sum), as many per batch as a memory budget allows. One compiled function per
 batch shape, reused every epoch; its first call says that it compiles. Other sets (fine-tuning's
 single glacier) run glacier by glacier.
 
-Batches are spread over every local device (``core.data.assign_devices``: a shape compiles
+Batches are spread over every local device (``core.execute.sets.assign_devices``: a shape compiles
 once per device it runs on, except that CPU devices load each other's compiles from the
-persistent cache, ``core.distributed.share_cpu_executables``) and, with ``jax.distributed``, over processes
-(``core.distributed``): each batch's losses and gradient are computed on its device, JAX's
+persistent cache, ``core.execute.distributed.share_cpu_executables``) and, with ``jax.distributed``, over processes
+(``core.execute.distributed``): each batch's losses and gradient are computed on its device, JAX's
 asynchronous dispatch keeps the devices busy concurrently, and the batch gradients are summed
 on the host in the fixed batch order. Batches depend only on the glaciers and the memory budget,
 so the result is bit-identical whatever the number of devices or processes. Only process 0
-writes params, checkpoints (``core.checkpoint``) and logs (``core.training_log``).
+writes params, checkpoints (``core.train.checkpoint``) and logs (``core.train.log``).
 
 On several CPU devices of one process, epoch e's validation runs in a background thread, on the
 devices after the training batches', while epoch e+1's gradient is computed: both need only the
@@ -37,8 +37,6 @@ Epochs are closed (log, best parameters, checkpoint) in order, so nothing else c
 from __future__ import annotations
 
 import math
-import sys
-import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -53,12 +51,13 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from core import distributed
-from core.checkpoint import Checkpoint, CheckpointError, checkpoint_path
-from core.data import compile_owners
-from core.loss import aux_to_python, batch_loss, glacier_loss
+from core.execute import distributed
+from core.execute.compiles import announce_compile, claim_compile, compiled_signatures, progress_note
+from core.execute.sets import compile_owners
 from core.models import trainable_filter
-from core.training_log import LOG_COLUMNS, Log, log_row
+from core.train.checkpoint import Checkpoint, CheckpointError, checkpoint_path
+from core.train.log import LOG_COLUMNS, Log, log_row
+from core.train.loss import aux_to_python, batch_loss, glacier_loss
 from glaunti.glacier import GlacierBatch, run_glacier
 from glaunti.params import save_params
 
@@ -161,7 +160,7 @@ def last_training_years(train_set, val_set) -> dict[str, int]:
 def overlaps_validation(placement: distributed.Placement) -> bool:
     """Whether validation should run beside the next epoch's gradient: on several CPU devices
     of one process, where the gradient of few glaciers leaves cores idle. Not on an
-    accelerator, where both would share one device's memory budget (``core.data``) for little
+    accelerator, where both would share one device's memory budget (``core.execute.sets``) for little
     gain, nor across processes, whose gathers must come in the same order everywhere."""
     return (placement.n_processes == 1 and len(placement.devices) > 1
             and all(d.platform == "cpu" for d in placement.devices))
@@ -202,38 +201,6 @@ class Evaluation(NamedTuple):
     treedef: object
 
 
-# (compiled function, model type, batch signature) → set once the first call of that shape in
-# this process has returned (compiled, and in the persistent cache where devices share
-# executables). The first call says so, since XLA may take a while (model C: tens of seconds on
-# CPU); with shared executables another device waits for it instead of compiling too.
-# core.inference notes its shapes here too, as ("inference", model type, array shapes).
-_COMPILED: dict[tuple, threading.Event] = {}
-_COMPILED_LOCK = threading.Lock()
-
-
-def claim_compile(key) -> tuple[bool, threading.Event]:
-    """(whether this call is the first of ``key`` in the process, the event set when it returned)."""
-    with _COMPILED_LOCK:
-        ready = _COMPILED.get(key)
-        if ready is None:
-            ready = _COMPILED[key] = threading.Event()
-            return True, ready
-        return False, ready
-
-
-def release_compiled() -> None:
-    """Free every compiled function of this process (JAX's in-memory caches) and forget which
-    shapes have compiled; later calls load from the persistent compilation cache, or compile.
-
-    Each CPU executable holds a few memory maps, and a process that compiles for many glacier
-    shapes (a cross-validation rotation on ``science``: over 10 000 maps) otherwise reaches
-    Linux's default ``vm.max_map_count`` of 65 530 in its third rotation, where LLVM fails with
-    "Unable to allocate section memory"."""
-    jax.clear_caches()
-    with _COMPILED_LOCK:
-        _COMPILED.clear()
-
-
 def _work_items(glacier_set):
     """(names, glaciers of each work item, loader ``placed -> (item, signature, describe,
     arrays)``): a set with ``batches()`` runs in batches, anything else glacier by glacier."""
@@ -259,19 +226,6 @@ def _work_items(glacier_set):
     return list(names), [(i,) for i in range(len(names))], load_one
 
 
-def progress_note(text: str) -> None:
-    """A line above any progress bar, on stderr with the bars: stdout stays for results (a
-    script may print JSON there)."""
-    tqdm.write(text, file=sys.stderr)
-
-
-def announce_compile(what: str, describe: str, number: int = 0, total: int = 0) -> float:
-    """Say above any progress bar that XLA compiles now (it can take minutes that would look
-    like a hang); returns the start time for the "compiled in" line."""
-    progress_note(f"compiling {what} for {describe}" + (f" ({number} of {total})…" if total else "…"))
-    return time.perf_counter()
-
-
 def evaluate_glaciers(fn, trainable, static, glacier_set, with_grad: bool,
                       placement: distributed.Placement | None = None, window: int = 2,
                       verbose: bool = True) -> Evaluation:
@@ -279,7 +233,7 @@ def evaluate_glaciers(fn, trainable, static, glacier_set, with_grad: bool,
 
     ``fn`` is the compiled ``(trainable, static, arrays) -> ((value, aux), grad)`` (``with_grad``)
     or ``-> (value, aux)`` of :func:`make_loss_and_grad`. A set with ``batches()``
-    (``core.data.GlacierSet``) runs batch by batch (``aux`` = (losses, terms)); any other set
+    (``core.execute.sets.GlacierSet``) runs batch by batch (``aux`` = (losses, terms)); any other set
     glacier by glacier (``aux`` = terms). Work item ``j`` (batch or glacier) runs on the device
     ``placement`` gives index ``j``; every local device is driven by its own thread (XLA
     releases the GIL while it computes, so devices — CPU devices included — run concurrently),
@@ -409,21 +363,16 @@ def _new_signatures(glacier_set, fn, static, by_device) -> int:
         return 0
     plan = glacier_set.batches()
     mine = [j for indices in by_device.values() for j in indices]
-    return len({plan[j].signature for j in mine} - _compiled_signatures(fn, static))
-
-
-def _compiled_signatures(fn, static) -> set:
-    with _COMPILED_LOCK:
-        return {s for f, kind, s in _COMPILED if f == id(fn) and kind is type(static)}
+    return len({plan[j].signature for j in mine} - compiled_signatures(fn, static))
 
 
 def _compiling_devices(glacier_set, fn, static, by_device) -> dict:
-    """Work item → the device that compiles its new shape (:func:`core.data.compile_owners`),
+    """Work item → the device that compiles its new shape (:func:`core.execute.sets.compile_owners`),
     when the shapes are known beforehand."""
     if not hasattr(glacier_set, "batches"):
         return {}
     signatures = [b.signature for b in glacier_set.batches()]
-    return compile_owners(signatures, by_device, _compiled_signatures(fn, static))
+    return compile_owners(signatures, by_device, compiled_signatures(fn, static))
 
 
 class _Listed:
@@ -480,7 +429,7 @@ def train(
     Args:
         model: the initial model (A, B, C or D).
         train_set, val_set: called once per epoch, each yields ``(glacier name, GlacierArrays)``
-            one glacier at a time. A ``core.data.GlacierSet`` is also asked to load only this
+            one glacier at a time. A ``core.execute.sets.GlacierSet`` is also asked to load only this
             process's glaciers, directly onto their devices.
     """
     if config.validation not in VALIDATION_RULES:

@@ -2,7 +2,7 @@
 run the published A, C and D on it, evaluate them against the WGMS records, and draw a map of
 the mean annual SMB and the annual glacier-wide series, observed against modelled.
 
-    python -m core.own_glacier [--data_folder data/real] [--out_dir outputs/demo/real]
+    python -m core.apps.own_glacier [--data_folder data/real] [--out_dir outputs/demo/real]
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from core.cli import main_wrapper
-from core.evaluation import season_window
+from core.apps.cli import main_wrapper
+from core.evaluate.metrics import season_window
 from core.io import atomic_path, atomic_write_text
 from core.models import DESCRIPTIONS, published_params_path
-from core.run import infer_and_evaluate
+from core.workflows import infer_and_evaluate
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 SOURCES = REPOSITORY / "examples" / "hintereisferner" / "sources"

@@ -1,0 +1,1 @@
+"""Evaluation: metrics against stakes and glacier-wide balances, pooled summaries and tables."""

@@ -1,0 +1,1 @@
+"""Execution: glacier sets, shape classes and batches, devices and processes, compiled shapes."""

@@ -1,0 +1,47 @@
+"""The calendar of daily SMB output: a glacier's balance years, as the model runs them, placed
+on consecutive calendar days."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+
+class Calendar:
+    """Places one glacier's study years, as the model runs them, on the calendar.
+
+    :meth:`add` takes year k's daily series (T, H, W) and returns the ``(first_day, smb)``
+    pieces of consecutive days that are final; :meth:`finish` returns the rest. A day shared by
+    two balance years (a year boundary) holds the sum of both; days between two years that no
+    year models hold 0, with a warning."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+        self.pending_day, self.pending = None, None
+
+    def add(self, k: int, series: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        tensors = self.tensors
+        begin, end = int(tensors.begin_day[k]), int(tensors.end_day[k])
+        year = np.zeros((end - begin + 1,) + series.shape[1:], dtype=np.float32)
+        valid = np.asarray(tensors.day_valid[k])
+        np.add.at(year, np.asarray(tensors.day_index[k])[valid] - begin, series[valid])
+        out = []
+        pending = self.pending
+        if pending is not None:
+            overlap = self.pending_day + len(pending) - begin
+            if overlap > 0:
+                year[:overlap] += pending[len(pending) - overlap:]
+                pending = pending[: len(pending) - overlap]
+            elif overlap < 0:
+                warnings.warn(f"{tensors.name}: {-overlap} day(s) between balance years "
+                              f"{int(tensors.years[k]) - 1} and {int(tensors.years[k])} are not modelled; "
+                              "they hold 0 in the daily output", stacklevel=3)
+                pending = np.concatenate([pending, np.zeros((-overlap,) + pending.shape[1:], np.float32)])
+            if len(pending):
+                out.append((self.pending_day, pending))
+        self.pending_day, self.pending = begin, year
+        return out
+
+    def finish(self) -> list[tuple[int, np.ndarray]]:
+        return [] if self.pending is None else [(self.pending_day, self.pending)]
