@@ -38,6 +38,10 @@ facies_bands = (
 )
 facies_placeholder = -1.0
 
+# A temporary file or build folder untouched for this long belongs to a killed process and may
+# be removed (a live writer, even of a large NetCDF, touches its file far more often).
+abandoned_temporary_age_s = 3600
+
 # Smallest grid side the corrector accepts (three 2x2 poolings), docs/model.md §9.9.
 min_grid_side = 8
 

@@ -11,7 +11,7 @@ from core.apps.cli import add_data_folder, main_wrapper, positive_float
 
 
 def parser():
-    from core.models import DEFAULT_SEED
+    from core.models import DEFAULT_SEED, EPOCHS, FINETUNE_EPOCHS
 
     p = argparse.ArgumentParser(description=__doc__)
     add_data_folder(p)
@@ -22,8 +22,9 @@ def parser():
     p.add_argument("--models", default="abcd",
                    help="Models to calibrate in each fold (default abcd; C needs A, D needs C)")
     p.add_argument("--epochs_scale", type=positive_float, default=1.0,
-                   help="Multiply the published epochs (A, C, D 50, B 100, local fine-tuning 250; at least "
-                        "1 each); default 1, the published schedule")
+                   help="Multiply the published epochs ("
+                        + ", ".join(f"{m.upper()} {n}" for m, n in EPOCHS.items())
+                        + f", local fine-tuning {FINETUNE_EPOCHS}; at least 1 each); default 1, the published schedule")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED,
                    help=f"Initialisation seed (default {DEFAULT_SEED}, the authors' key)")
     p.add_argument("--no_local", action="store_true",

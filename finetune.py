@@ -8,19 +8,25 @@ from core.apps.cli import add_data_folder, main_wrapper, non_negative_int, posit
 
 
 def parser():
+    from core import models
+
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("glacier", help="Glacier name")
-    p.add_argument("--init_params_path", default="params/a.eqx", help="Init params path (.eqx)")
+    p.add_argument("--init_params_path", default=str(models.params_path("a")),
+                   help=f"Init params path (default {models.params_path('a')})")
     p.add_argument("--final_params_path", default=None,
-                   help="Final params path (.eqx); default params/a_<glacier>.eqx")
-    p.add_argument("--log_path", default=None, help="Log path (.csv); default logs/a_<glacier>.csv")
+                   help=f"Final params path; default {models.params_path(models.finetuned_name('<glacier>'))}")
+    p.add_argument("--log_path", default=None,
+                   help=f"Log path; default {models.log_path(models.finetuned_name('<glacier>'))}")
     add_data_folder(p)
-    p.add_argument("--epochs", type=non_negative_int, default=250, help="Number of epochs (default 250)")
-    p.add_argument("--learning_rate", type=positive_float, default=1e-2, help="Learning rate (default 1e-2)")
-    p.add_argument("--train_years", type=int, nargs=2, default=(1995, 2012), metavar=("FIRST", "LAST"),
-                   help="Study years used for training (default 1995 2012)")
-    p.add_argument("--val_years", type=int, nargs=2, default=(2013, 2018), metavar=("FIRST", "LAST"),
-                   help="Study years used to pick the best epoch (default 2013 2018)")
+    p.add_argument("--epochs", type=non_negative_int, default=models.FINETUNE_EPOCHS,
+                   help=f"Number of epochs (default {models.FINETUNE_EPOCHS})")
+    p.add_argument("--learning_rate", type=positive_float, default=models.FINETUNE_LEARNING_RATE,
+                   help=f"Learning rate (default {models.FINETUNE_LEARNING_RATE:g})")
+    p.add_argument("--train_years", type=int, nargs=2, default=models.FINETUNE_TRAIN_YEARS, metavar=("FIRST", "LAST"),
+                   help="Study years used for training (default %(default)s)")
+    p.add_argument("--val_years", type=int, nargs=2, default=models.FINETUNE_VAL_YEARS, metavar=("FIRST", "LAST"),
+                   help="Study years used to pick the best epoch (default %(default)s)")
     p.add_argument("--validation", choices=("carried", "rerun"), default="carried",
                    help="carried (default, published): the validation years continue the "
                         "epoch's training pass (its state at the end of the training years, "

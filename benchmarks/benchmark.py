@@ -136,7 +136,7 @@ def worker(args) -> dict:
 
     from core.execute.sets import GlacierSet
     from core.infer.runner import iter_daily_smb
-    from core.models import skeleton, trainable_filter, uses_facies
+    from core.models import build, uses_facies
     from core.train.loop import epoch_gradient, make_loss_and_grad
     from dataloader import Dataset
     from glaunti.glacier import layout_for, make_arrays
@@ -144,8 +144,8 @@ def worker(args) -> dict:
     name = args._worker
     dataset = Dataset(_dataset_folder(args))
     names = dataset.train_names[: args.glaciers] if args.glaciers else dataset.train_names
-    model = skeleton(name)  # A at its prior, fresh B/corrector: the cost does not depend on values
-    trainable, static = eqx.partition(model, trainable_filter(model))
+    model = build(name)  # A at its prior, fresh B/corrector: the cost does not depend on values
+    trainable, static = eqx.partition(model, model.trainable_filter())
     layout = args.layout or layout_for(model)
     glaciers = GlacierSet(dataset, names, uses_facies(name), layout=layout, batch_bytes=args.batch_bytes,
                           passes=args.passes)

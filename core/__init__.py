@@ -8,7 +8,7 @@ Imports point down only (checked by import-linter, ``[tool.importlinter]`` in py
 - ``core.train`` (losses, loop, checkpoint, log), ``core.infer`` (daily SMB runner, NetCDF
   writer), ``core.evaluate`` (metrics, summaries): independent of each other;
 - ``core.execute`` (glacier sets, shape classes and batches, devices and processes, compiled
-  shapes), ``core.models`` (the variants by name and their parameter files), ``core.io``
-  (atomic writes);
+  shapes) and ``core.models`` (the variants by name, their schedules and parameter files);
+- ``core.io`` (atomic writes, output checks);
 - then ``glaunti`` (the models) and ``dataloader`` (the data), then ``constants``.
 """

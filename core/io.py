@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+import constants
+
 
 class OutputError(OSError):
     """An output path cannot be written (names the path and the reason)."""
@@ -101,20 +103,17 @@ def create_new_file(folder: Path, prefix: str, suffix: str) -> Path:
     raise FileExistsError(errno.EEXIST, f"no free name {prefix}*{suffix} after 100 tries")
 
 
-# A temporary file untouched for this long belongs to a killed process (a live writer, even of
-# a large NetCDF, touches its file far more often).
-ABANDONED_AFTER_S = 3600
 
 
 def remove_abandoned_temporaries(path: str | os.PathLike) -> list[Path]:
     """Delete ``.<name>.*.tmp`` files next to ``path`` that a killed writer left behind
-    (older than ABANDONED_AFTER_S); returns them."""
+    (older than ``constants.abandoned_temporary_age_s``); returns them."""
     path = Path(path)
     removed = []
     now = time.time()
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         with contextlib.suppress(OSError):
-            if now - tmp.stat().st_mtime > ABANDONED_AFTER_S:
+            if now - tmp.stat().st_mtime > constants.abandoned_temporary_age_s:
                 tmp.unlink()
                 removed.append(tmp)
     return removed

@@ -7,22 +7,53 @@ from pathlib import Path
 
 import jax.random as jr
 
-from glaunti import trainable_filter  # noqa: F401  (re-exported for the scripts and tests)
-from glaunti.params import load_params
+from core.io import atomic_path
+from glaunti.params import load_params, save_params
 from glaunti.registry import DEFAULT_SEED, MODELS, REGISTRY, build, spec
 
 DESCRIPTIONS = {name: s.description for name, s in REGISTRY.items()}
 # The model each variant starts from (docs/model.md §7).
 STARTS_FROM = {name: s.starts_from for name, s in REGISTRY.items() if s.starts_from}
-# The published calibration schedule (epochs per variant).
+# The published calibration schedule (docs/model.md §7): epochs per variant, Adam's learning
+# rate; and per-glacier fine-tuning of model A.
 EPOCHS = {name: s.epochs for name, s in REGISTRY.items()}
+LEARNING_RATE = 1e-3
+FINETUNE_EPOCHS = 250
+FINETUNE_LEARNING_RATE = 1e-2
+FINETUNE_TRAIN_YEARS = (1995, 2012)
+FINETUNE_VAL_YEARS = (2013, 2018)
 
 # The authors' published weights ship with the project (params/published/README.md).
 PUBLISHED_PARAMS = Path(__file__).resolve().parents[1] / "params" / "published"
 
-__all__ = ["DEFAULT_SEED", "DESCRIPTIONS", "EPOCHS", "MODELS", "PUBLISHED_PARAMS", "STARTS_FROM",
-           "initial_model", "load_model", "published_params_path", "skeleton", "trainable_filter",
-           "uses_facies"]
+__all__ = ["DEFAULT_SEED", "DESCRIPTIONS", "EPOCHS", "FINETUNE_EPOCHS", "FINETUNE_LEARNING_RATE",
+           "FINETUNE_TRAIN_YEARS", "FINETUNE_VAL_YEARS", "LEARNING_RATE", "MODELS", "PUBLISHED_PARAMS",
+           "STARTS_FROM", "build", "finetuned_name", "initial_model", "load_model", "log_path", "params_path",
+           "published_params_path", "save_model", "uses_facies"]
+
+
+def params_path(name: str, folder: str | Path = "params") -> Path:
+    """Where ``train_<name>.py`` writes model ``name``'s parameters (and fine-tuning reads A's)."""
+    return Path(folder) / f"{name}.eqx"
+
+
+def log_path(name: str, folder: str | Path = "logs") -> Path:
+    """Where ``train_<name>.py`` writes model ``name``'s training log."""
+    return Path(folder) / f"{name}.csv"
+
+
+def finetuned_name(glacier: str) -> str:
+    """The name under which A fine-tuned on ``glacier`` is stored (``params/<it>.eqx``,
+    ``logs/<it>.csv``)."""
+    return "a_" + glacier.replace(" ", "_")
+
+
+def save_model(model, path: str | Path) -> Path:
+    """Write ``model``'s parameter file (``glaunti.params.save_params``) atomically: a crash
+    leaves the previous file or the new one (``core.io.atomic_path``)."""
+    with atomic_path(path) as tmp:
+        save_params(model, tmp)
+    return Path(path)
 
 
 def published_params_path(name: str) -> Path:
@@ -34,15 +65,9 @@ def uses_facies(name: str) -> bool:
     return spec(name).facies
 
 
-def skeleton(name: str, key=None):
-    """A freshly initialised model of variant ``name`` (A at its prior; ``key`` defaults to
-    the authors' key ``PRNGKey(DEFAULT_SEED)``)."""
-    return build(name, key)
-
-
 def load_model(name: str, path: str | Path):
     """The model ``name`` with the parameters of file ``path`` (a fine-tuned A loads as any A)."""
-    return load_params(skeleton(name), path)
+    return load_params(build(name), path)
 
 
 def initial_model(name: str, seed: int = DEFAULT_SEED, params_folder: str | Path = "params",
@@ -54,7 +79,7 @@ def initial_model(name: str, seed: int = DEFAULT_SEED, params_folder: str | Path
     if variant.starts_from is None:
         return model
     base = variant.starts_from
-    path = Path(start_path) if start_path else Path(params_folder) / f"{base}.eqx"
+    path = Path(start_path) if start_path else params_path(base, params_folder)
     if not path.exists():
         raise FileNotFoundError(
             f"{path}: model {name.upper()} starts from calibrated model {base.upper()}; "

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 import constants
+from core import models
 from core.evaluate.metrics import evaluate
 from core.execute import distributed
 from core.execute.sets import GlacierSet, with_study_years
@@ -16,7 +17,13 @@ from core.io import atomic_write_json, check_output_paths
 from core.models import (
     DEFAULT_SEED,
     EPOCHS,
+    FINETUNE_EPOCHS,
+    FINETUNE_LEARNING_RATE,
+    FINETUNE_TRAIN_YEARS,
+    FINETUNE_VAL_YEARS,
+    LEARNING_RATE,
     STARTS_FROM,
+    finetuned_name,
     initial_model,
     load_model,
     published_params_path,
@@ -28,7 +35,7 @@ from glaunti.layouts import layout_for, make_arrays
 from glaunti.params import load_params
 
 
-def calibrate(model_name: str, data_folder=None, epochs=None, learning_rate=1e-3,
+def calibrate(model_name: str, data_folder=None, epochs=None, learning_rate=LEARNING_RATE,
               params_path=None, log_path=None, seed=DEFAULT_SEED, resume=False, init_params_path=None,
               show_progress=True, test_fold=constants.test_fold, val_fold=constants.val_fold):
     """Train model ``model_name`` on the training folds (``epochs`` default: the published
@@ -42,14 +49,14 @@ def calibrate(model_name: str, data_folder=None, epochs=None, learning_rate=1e-3
     the tensor cache), so that bad input fails in seconds, not after hours of training.
     """
     epochs = EPOCHS[model_name] if epochs is None else epochs
-    params_path = Path(params_path or f"params/{model_name}.eqx")
-    log_path = Path(log_path or f"logs/{model_name}.csv")
+    params_path = Path(params_path or models.params_path(model_name))
+    log_path = Path(log_path or models.log_path(model_name))
     check_output_paths(params_path=params_path, log_path=log_path)
     distributed.setup()  # devices, processes, compilation cache (docs/performance.md)
     dataset = Dataset(resolve_data_folder(data_folder))
     if model_name in STARTS_FROM:  # initial_model loads it again, after the slow checks
         base = STARTS_FROM[model_name]
-        start = Path(init_params_path or f"params/{base}.eqx")
+        start = Path(init_params_path or models.params_path(base))
         if not start.is_file():
             raise FileNotFoundError(f"{start}: model {model_name.upper()} starts from calibrated "
                                     f"model {base.upper()}; run train_{base}.py first (or pass its "
@@ -155,7 +162,7 @@ def resolve_params_path(model_name: str, params_path=None) -> Path:
     published weights that ship with the project."""
     if params_path is not None:
         return Path(params_path)
-    trained = Path(f"params/{model_name}.eqx")
+    trained = models.params_path(model_name)
     return trained if trained.is_file() else published_params_path(model_name)
 
 
@@ -180,14 +187,7 @@ class _Lazy:
         return np.asarray(self.var[key], dtype=np.float32)
 
 
-# The published fine-tuning schedule (docs/model.md §7).
-FINETUNE_EPOCHS = 250
-FINETUNE_LEARNING_RATE = 1e-2
-FINETUNE_TRAIN_YEARS = (1995, 2012)
-FINETUNE_VAL_YEARS = (2013, 2018)
-
-
-def finetune(glacier: str, data_folder=None, init_params_path="params/a.eqx",
+def finetune(glacier: str, data_folder=None, init_params_path=None,
              final_params_path=None, log_path=None, epochs=FINETUNE_EPOCHS,
              learning_rate=FINETUNE_LEARNING_RATE, train_years=FINETUNE_TRAIN_YEARS,
              val_years=FINETUNE_VAL_YEARS, resume=False, show_progress=True, validation="carried"):
@@ -198,9 +198,9 @@ def finetune(glacier: str, data_folder=None, init_params_path="params/a.eqx",
     training pass, no epoch-0 candidate); ``"rerun"`` validates the parameters after each step
     and the starting ones, so that the kept parameters are exactly those validated
     (``core.train.loop``)."""
-    safe = glacier.replace(" ", "_")
-    final_params_path = Path(final_params_path or f"params/a_{safe}.eqx")
-    log_path = Path(log_path or f"logs/a_{safe}.csv")
+    init_params_path = init_params_path or models.params_path("a")
+    final_params_path = Path(final_params_path or models.params_path(finetuned_name(glacier)))
+    log_path = Path(log_path or models.log_path(finetuned_name(glacier)))
     check_output_paths(final_params_path=final_params_path, log_path=log_path)
     distributed.setup()
     dataset = Dataset(resolve_data_folder(data_folder))

@@ -39,8 +39,6 @@ CACHE_DIR_ENV = "GLAUNTI_CACHE_DIR"
 
 _META = "meta.json"
 _KEY_LENGTH = 16
-# Temporary build folders older than this belong to a crashed process and may be removed.
-_ABANDONED_AFTER_S = 3600
 
 
 def resolve_cache_dir(data_folder: str | Path, cache_dir: str | Path | None = None) -> Path:
@@ -151,7 +149,7 @@ class GlacierCache:
                 shutil.rmtree(folder, ignore_errors=True)
         for folder in self.root.glob(f".tmp-{stem}-*"):
             try:
-                abandoned = time.time() - folder.stat().st_mtime > _ABANDONED_AFTER_S
+                abandoned = time.time() - folder.stat().st_mtime > constants.abandoned_temporary_age_s
             except FileNotFoundError:
                 continue
             if abandoned:

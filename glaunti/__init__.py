@@ -23,13 +23,6 @@ from glaunti.ti_model import (
     ti_day_step,
 )
 
-
-def trainable_filter(model):
-    """Equinox filter spec of the trainable leaves of any model:
-    A → the seven calibrated TI parameters, B → every array, C/D → the corrector only."""
-    return model.trainable_filter()
-
-
 __all__ = [
     "CALIBRATED",
     "PARAM_NAMES",
@@ -46,5 +39,4 @@ __all__ = [
     "save_params",
     "template",
     "ti_day_step",
-    "trainable_filter",
 ]

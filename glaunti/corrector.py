@@ -457,8 +457,3 @@ class Corrector(eqx.Module):
         x = self.fuse_conv(jnp.where(mask, x2 + x1[:, :, None], 0.0), mask)
         out = jnp.where(mask, conv(self.out_conv, x) * OUT_SCALE, 0.0)  # the bias is not zero
         return resize_bilinear_padded(out, bottom_size, grid_size, (height, width))
-
-
-def trainable_filter(model: Corrector):
-    """Equinox filter spec: every array leaf of the corrector is trained."""
-    return jax.tree_util.tree_map(eqx.is_inexact_array, model)

@@ -16,12 +16,6 @@ from our modules, and can be checked against the published manifest.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import glob
-import os
-import secrets
-import time
 from pathlib import Path
 
 import equinox as eqx
@@ -127,47 +121,9 @@ def load_params(model, path):
 
 
 def save_params(model, path) -> None:
-    """Write ``model`` in the published layout, atomically (temp file + ``os.replace``); the
-    file gets the permissions of an ordinary write (0o666 minus the umask)."""
-    path = Path(path)
+    """Write ``model`` to ``path`` in the published layout (one ``np.save`` array per leaf, in
+    the authors' order). Plain write: ``core.models.save_model`` writes it atomically."""
     _, leaves, _ = _flatten(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_temporary(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for leaf in leaves:
-                np.save(f, np.asarray(leaf), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _remove_abandoned_temporaries(path)
-
-
-def _create_temporary(path: Path) -> tuple[int, Path]:
-    """``(fd, name)`` of a new ``.<name>.*.tmp`` file beside ``path``, as core.io.create_new_file:
-    exclusive like ``tempfile.mkstemp`` but mode 0o666, so the umask applies (mkstemp's 0o600
-    would hide the parameters from the rest of a project group)."""
-    for _ in range(100):
-        candidate = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-        try:
-            return os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), candidate
-        except FileExistsError:
-            continue
-    raise FileExistsError(errno.EEXIST, f"no free temporary name beside {path} after 100 tries")
-
-
-# As core.io.ABANDONED_AFTER_S (glaunti does not depend on core).
-_ABANDONED_AFTER_S = 3600
-
-
-def _remove_abandoned_temporaries(path: Path) -> None:
-    """Delete ``.<name>.*.tmp`` files next to ``path`` left by a killed writer (older than an hour)."""
-    now = time.time()
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        with contextlib.suppress(OSError):
-            if now - tmp.stat().st_mtime > _ABANDONED_AFTER_S:
-                tmp.unlink()
+    with open(path, "wb") as f:
+        for leaf in leaves:
+            np.save(f, np.asarray(leaf), allow_pickle=False)

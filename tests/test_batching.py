@@ -14,7 +14,7 @@ import pytest
 
 from conftest import PUBLISHED, reference_path
 from core.execute.sets import GlacierSet, GlacierShape, assign_devices, plan_batches
-from core.models import load_model, trainable_filter
+from core.models import load_model
 from core.train.loop import evaluate_glaciers, make_loss_and_grad, sum_gradients
 from core.train.loss import batch_loss, glacier_loss
 from dataloader import Dataset
@@ -168,7 +168,7 @@ def test_batched_equals_per_glacier(model_name, layout, tiny_reference_dataset, 
     golden numbers); the first call of the batch's shape says that it compiles."""
     dataset = tiny_reference_dataset
     model = load_model(model_name, PUBLISHED / f"{model_name}.eqx")
-    trainable, static = eqx.partition(model, trainable_filter(model))
+    trainable, static = eqx.partition(model, model.trainable_filter())
     value_and_grad, _ = make_loss_and_grad()
     glaciers = GlacierSet(dataset, dataset.names, False, layout=layout, target="gpu")  # vmapped
     (batch,) = glaciers.batches()
@@ -218,7 +218,7 @@ def test_batched_c_equals_per_glacier(tiny_reference_dataset):
     corrector sees the padded grid in both (its masking of the padding is tested with it)."""
     dataset = tiny_reference_dataset
     model = load_model("c", PUBLISHED / "c.eqx")
-    trainable, static = eqx.partition(model, trainable_filter(model))
+    trainable, static = eqx.partition(model, model.trainable_filter())
     hosts = [pad_host_grid(layout_host_arrays(dataset.glacier(name), layout="padded_grid"), 32, 32)
              for name in dataset.names]
     hosts[1] = _shorter(hosts[1])

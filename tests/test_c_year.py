@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from core.models import load_model, published_params_path, trainable_filter, uses_facies
+from core.models import load_model, published_params_path, uses_facies
 from core.train.loss import glacier_loss
 from glaunti.glacier import make_arrays, published_precision, run_glacier, scan_block
 from glaunti.ti_corr_model import GlaUnTI
@@ -94,7 +94,7 @@ def _loss_and_grad(trainable, static, arrays):
 
 
 def loss_and_grad(model, arrays):
-    (value, terms), grad = _loss_and_grad(*eqx.partition(model, trainable_filter(model)), arrays)
+    (value, terms), grad = _loss_and_grad(*eqx.partition(model, model.trainable_filter()), arrays)
     return value, terms, jax.tree_util.tree_leaves(grad)
 
 
@@ -128,7 +128,7 @@ def test_loss_identical_and_gradient_equal_to_rounding(variant):
 @eqx.filter_jit
 def walked_loss(model, arrays, policy):
     """A glacier-wide loss through every year, each year rematerialised under ``policy``."""
-    trainable, static = eqx.partition(model, trainable_filter(model))
+    trainable, static = eqx.partition(model, model.trainable_filter())
 
     def loss(trainable):
         m = eqx.combine(trainable, static)
@@ -168,7 +168,7 @@ def test_off_loss_cells_get_no_gradient(variant):
     model, arrays = variant
     off = np.setdiff1d(np.arange(arrays.shape[0] * arrays.shape[1]), np.asarray(arrays.loss_cells))
     assert off.size, "the tiny glacier should have off-glacier cells"
-    trainable, static = eqx.partition(model, trainable_filter(model))
+    trainable, static = eqx.partition(model, model.trainable_filter())
 
     def smb_off(trainable):
         run = run_glacier(eqx.combine(trainable, static), arrays, custom_vjp=True)

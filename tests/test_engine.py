@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import PUBLISHED, REPO
-from core.models import EPOCHS, MODELS, load_model, skeleton
+from core.models import EPOCHS, MODELS, build, load_model
 from core.train.loss import glacier_loss
 from glaunti import registry
 from glaunti.glacier import make_arrays, run_glacier, scan_block, walk_years, year_step
@@ -137,7 +137,7 @@ def test_custom_vjp_is_an_explicit_switch(tensors):
 
 
 def test_matmuls_are_float32_whatever_the_global_setting(tensors):
-    model = skeleton("b")
+    model = build("b")
     arrays = make_arrays(tensors)
     state = model.initial_state(arrays.shape)
     with jax.default_matmul_precision("bfloat16"):
@@ -209,7 +209,7 @@ def test_one_registry():
     assert MODELS == tuple(registry.REGISTRY) == ("a", "b", "c", "d")
     assert EPOCHS == {"a": 50, "b": 100, "c": 50, "d": 50}  # the published schedule
     for name in MODELS:
-        model = skeleton(name)
+        model = build(name)
         for member in ("initial_state", "year_step", "trainable_filter", "regularisers",
                        "authors_tree", "from_authors_tree"):
             assert callable(getattr(model, member)), (name, member)

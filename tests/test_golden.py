@@ -13,7 +13,7 @@ import pytest
 
 from conftest import PUBLISHED, daily_series, reference_path
 from core.evaluate.metrics import evaluate
-from core.models import load_model, trainable_filter, uses_facies
+from core.models import load_model, uses_facies
 from core.train.loop import make_loss_and_grad
 from core.train.loss import aux_to_python
 from glaunti.glacier import make_arrays
@@ -55,7 +55,7 @@ def assert_close_tree(actual, wanted, path=""):
 @pytest.mark.parametrize("model_name", MODELS)
 def test_loss_terms_and_gradient(model_name, glaciers):
     model = published(model_name)
-    trainable, static = eqx.partition(model, trainable_filter(model))
+    trainable, static = eqx.partition(model, model.trainable_filter())
     value_and_grad, value = make_loss_and_grad()
     for name, tensors in glaciers.items():
         want = expected("loss.json")["glaciers"][name][model_name]

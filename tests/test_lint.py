@@ -3,6 +3,8 @@
 ruff is part of the ``dev`` extra, so it is always there when the tests are.
 """
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +46,29 @@ def test_configuration_applies():
     test_file = ("import pytest\n\nimport constants\nfrom conftest import REFERENCE\n\n"
                  "print(pytest, constants, REFERENCE)\n")
     assert findings(test_file, "tests/test_lint_probe.py") == set()
+
+
+def lint_imports(root: Path) -> subprocess.CompletedProcess:
+    """Run import-linter (``[tool.importlinter]`` of pyproject.toml) on the packages under ``root``."""
+    lint = Path(sys.executable).with_name("lint-imports")
+    return subprocess.run(
+        [str(lint), "--config", str(REPO / "pyproject.toml"), "--no-cache"],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_layers_are_kept():
+    result = lint_imports(REPO)
+    assert result.returncode == 0, f"lint-imports found:\n{result.stdout[-4000:]}{result.stderr[-2000:]}"
+    assert "0 broken" in result.stdout
+
+
+def test_an_import_against_the_layers_is_caught(tmp_path):
+    """Inference importing training (what the layers forbid) breaks the contract."""
+    for package in ("core", "glaunti", "dataloader"):
+        shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    runner = tmp_path / "core" / "infer" / "runner.py"
+    runner.write_text(runner.read_text() + "\nfrom core.train.loop import train  # noqa: E402,F401\n")
+    result = lint_imports(tmp_path)
+    assert result.returncode != 0
+    assert "core.infer.runner -> core.train.loop" in result.stdout, result.stdout[-4000:]

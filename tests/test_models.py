@@ -25,7 +25,6 @@ from glaunti import (
     default_weights,
     load_params,
     prior_penalty,
-    trainable_filter,
 )
 from glaunti.ti_model import PRIOR_CONSTRAINED
 
@@ -177,7 +176,7 @@ def test_ti_stored_priors_are_the_logs_of_the_table():
 
 
 def test_ti_trainable_filter_selects_the_seven_calibrated():
-    spec = trainable_filter(TIModel.prior())
+    spec = TIModel.prior().trainable_filter()
     assert {n for n in PARAM_NAMES if getattr(spec, n)} == set(CALIBRATED)
     assert len(CALIBRATED) == 7 and set(PARAM_NAMES) - set(CALIBRATED) == {
         "t_softplus_sharpness_log", "swe_softplus_sharpness_log"}
@@ -408,7 +407,7 @@ def test_glaunti_training_step_changes_only_the_corrector(cases, published):
     assert all(float(getattr(grads.ti, n)) == 0.0 for n in PARAM_NAMES)
     assert any(np.any(np.asarray(g) != 0) for g in jax.tree_util.tree_leaves(grads.corrector))
 
-    spec = trainable_filter(model)
+    spec = model.trainable_filter()
     assert not any(jax.tree_util.tree_leaves(spec.ti))
     params, static = eqx.partition(model, spec)
     optimiser = optax.adam(1e-3)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import PUBLISHED, reference_path
-from core.models import load_model, trainable_filter, uses_facies
+from core.models import load_model, uses_facies
 from core.train.loop import make_loss_and_grad
 from glaunti.glacier import cell_bucket, make_arrays
 
@@ -110,7 +110,7 @@ def _expected():
 @pytest.mark.parametrize("model_name,layout", [("a", "cells"), ("a", "padded"), ("b", "cells")])
 def test_training_layouts_match_golden(model_name, layout, tiny_reference_dataset):
     model = load_model(model_name, PUBLISHED / f"{model_name}.eqx")
-    trainable, static = eqx.partition(model, trainable_filter(model))
+    trainable, static = eqx.partition(model, model.trainable_filter())
     value_and_grad, _ = make_loss_and_grad()
     for name in tiny_reference_dataset.names:
         tensors = tiny_reference_dataset.glacier(name)
@@ -149,7 +149,7 @@ def test_cell_chunking_is_exact(model_name, tiny_reference_dataset):
     from glaunti import glacier
 
     model = load_model(model_name, PUBLISHED / f"{model_name}.eqx")
-    trainable, static = eqx.partition(model, trainable_filter(model))
+    trainable, static = eqx.partition(model, model.trainable_filter())
     tensors = tiny_reference_dataset.glacier(tiny_reference_dataset.names[0])
     arrays = make_arrays(tensors, layout="cells")
 
@@ -246,7 +246,7 @@ import json, sys
 from core.execute import distributed
 distributed.setup(cpu_devices=2)
 import equinox as eqx, jax, numpy as np
-from core.models import load_model, trainable_filter
+from core.models import load_model
 from core.train.loop import evaluate_glaciers, make_loss_and_grad
 from dataloader import Dataset
 from glaunti.glacier import make_arrays
@@ -256,7 +256,7 @@ jax.monitoring.register_event_listener(
 dataset = Dataset(sys.argv[1], cache_dir=sys.argv[2])
 name = dataset.names[0]
 model = load_model("a", sys.argv[3])
-trainable, static = eqx.partition(model, trainable_filter(model))
+trainable, static = eqx.partition(model, model.trainable_filter())
 value_and_grad, _ = make_loss_and_grad()
 arrays = make_arrays(dataset.glacier(name))
 evaluation = evaluate_glaciers(value_and_grad, trainable, static, lambda: [(name, arrays), (name, arrays)],

@@ -18,7 +18,7 @@ import infer_and_evaluate
 from conftest import daily_series
 from core.infer.netcdf import CHUNK_VALUES, MAP_VALUES, DailySMBFile, chunk_shape, write_netcdf
 from core.io import atomic_write, atomic_write_json, atomic_write_text
-from core.models import skeleton
+from core.models import build
 from dataloader import Dataset
 from dataloader.synthetic import generate
 from georeferencing import assert_georeferenced
@@ -55,7 +55,7 @@ def daily_smb(tiny_twin, tmp_path_factory):
     glacier = Dataset(tiny_twin).test_names[0]
     out = tmp_path_factory.mktemp("daily")
     smb_path, eval_path, params = out / "smb.nc", out / "eval.json", out / "a.eqx"
-    save_params(skeleton("a"), params)
+    save_params(build("a"), params)
     with umask(0o022):
         code = infer_and_evaluate.main(["a", glacier, str(smb_path), str(eval_path), "--quiet",
                                         "--params_path", str(params), "--data_folder", str(tiny_twin)])
@@ -113,7 +113,7 @@ def test_numpy_repr_geotransform_is_rejected(tiny_twin, tmp_path):
 def test_daily_smb_metadata_and_values(daily_smb, tiny_twin):
     smb_path, _, glacier = daily_smb
     tensors = Dataset(tiny_twin).glacier(glacier)
-    expected, first_day = daily_series(skeleton("a"), make_arrays(tensors), tensors)
+    expected, first_day = daily_series(build("a"), make_arrays(tensors), tensors)
     with xr.open_dataset(smb_path, decode_coords="all") as ds:
         smb = ds["smb"]
         assert smb.attrs["units"] == "m w.e. d-1"
@@ -132,16 +132,16 @@ def test_inference_says_when_it_compiles(tiny_twin, capsys, monkeypatch):
     monkeypatch.setattr(compiles, "_COMPILED", {})
     tensors = Dataset(tiny_twin).glacier(Dataset(tiny_twin).names[0])
     arrays = make_arrays(tensors)
-    first = list(inference.iter_daily_smb(skeleton("a"), arrays, tensors))
+    first = list(inference.iter_daily_smb(build("a"), arrays, tensors))
     height, width = arrays.shape
     said = capsys.readouterr()
     assert f"compiling model A inference for {height}×{width}…" in said.err
     assert not said.out  # stdout stays for results (summarise.py prints JSON there)
-    again = list(inference.iter_daily_smb(skeleton("a"), arrays, tensors))
+    again = list(inference.iter_daily_smb(build("a"), arrays, tensors))
     assert "compiling" not in capsys.readouterr().err
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(first, again))
     compiles.release_compiled()  # freed: the next call compiles (or loads) again, and says so
-    after = list(inference.iter_daily_smb(skeleton("a"), arrays, tensors))
+    after = list(inference.iter_daily_smb(build("a"), arrays, tensors))
     assert f"compiling model A inference for {height}×{width}…" in capsys.readouterr().err
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(first, after))
 
@@ -220,7 +220,7 @@ def test_atomic_outputs_follow_umask(tiny_twin, tmp_path, mask, expected):
         atomic_write_json(tmp_path / "eval.json", {"metrics": {}})
         atomic_write_text(tmp_path / "out" / "log.csv", "epoch\n")
         write_netcdf(tmp_path / "smb.nc", tensors, iter([(10, day)]), "a")
-        save_params(skeleton("a"), tmp_path / "params" / "a.eqx")
+        save_params(build("a"), tmp_path / "params" / "a.eqx")
     for name in ("eval.json", "out/log.csv", "smb.nc", "params/a.eqx"):
         assert mode(tmp_path / name) == expected, name
     assert sorted(p.name for p in tmp_path.rglob(".*")) == []
@@ -275,5 +275,5 @@ def test_interrupted_writes_leave_nothing(tiny_twin, tmp_path, monkeypatch):
 
         monkeypatch.setattr(np, "save", failing_save)
         with pytest.raises(Boom):
-            save_params(skeleton("a"), tmp_path / "a.eqx")
+            save_params(build("a"), tmp_path / "a.eqx")
     assert list(tmp_path.iterdir()) == []

@@ -20,13 +20,14 @@ import jax
 import numpy as np
 import pytest
 
+import constants
 import core.io
 import core.train.loop
 import finetune
 import train_a
 import train_b
 from core.io import OutputError, atomic_write, atomic_write_json, atomic_write_text
-from core.models import load_model, skeleton
+from core.models import build, load_model, save_model
 from dataloader import DataError, Dataset
 from glaunti.params import load_params, save_params
 
@@ -126,7 +127,7 @@ def _save_params_failing(path: Path, monkeypatch) -> None:
         return real_save(*args, **kwargs)
 
     monkeypatch.setattr(np, "save", save)
-    save_params(skeleton("a"), path)
+    save_model(build("a"), path)
 
 
 def _checkpoint_failing(path: Path, monkeypatch) -> None:
@@ -135,7 +136,7 @@ def _checkpoint_failing(path: Path, monkeypatch) -> None:
         raise Boom("killed while serialising")
 
     monkeypatch.setattr(eqx, "tree_serialise_leaves", serialise)
-    model = skeleton("a")
+    model = build("a")
     core.train.loop.Checkpoint(model, model, None, 1, 1, 0.5).save(path)
 
 
@@ -158,7 +159,7 @@ WRITERS = {
         mp.setattr(Path, "write_text", lambda self, t: _fail_halfway(self)),
         atomic_write_json(path, {"metrics": {}}))),
     "NetCDF (write_netcdf)": ("smb.nc", lambda path, twin, mp: _write_nc_failing(path, twin)),
-    "params (save_params)": ("a.eqx", lambda path, twin, mp: _save_params_failing(path, mp)),
+    "params (save_model)": ("a.eqx", lambda path, twin, mp: _save_params_failing(path, mp)),
     "checkpoint (Checkpoint.save)": ("a.eqx.ckpt", lambda path, twin, mp: _checkpoint_failing(path, mp)),
     "log (Log.flush)": ("a.csv", lambda path, twin, mp: _log_failing(path, mp)),
 }
@@ -218,22 +219,22 @@ def test_kill_during_write_keeps_previous_file(tmp_path):
     assert len(orphans) == 1
     atomic_write_text(path, "newer\n")  # a fresh orphan may belong to a live writer: kept
     assert orphans[0].exists()
-    old = time.time() - core.io.ABANDONED_AFTER_S - 60
+    old = time.time() - constants.abandoned_temporary_age_s - 60
     os.utime(orphans[0], (old, old))
     atomic_write_text(path, "newest\n")
     assert not orphans[0].exists()
     assert path.read_text() == "newest\n"
 
 
-def test_save_params_removes_abandoned_temporaries(tmp_path):
+def test_save_model_removes_abandoned_temporaries(tmp_path):
     path = tmp_path / "a.eqx"
     orphan = tmp_path / ".a.eqx.k1ll3d.tmp"
     orphan.write_bytes(b"half")
-    old = time.time() - 2 * 3600
+    old = time.time() - 2 * constants.abandoned_temporary_age_s
     os.utime(orphan, (old, old))
-    save_params(skeleton("a"), path)
+    save_model(build("a"), path)
     assert not orphan.exists()
-    assert eqx.tree_equal(load_params("a", path), skeleton("a"))
+    assert eqx.tree_equal(load_params("a", path), build("a"))
 
 
 # Every write of a result must go through core.io (temporary file + rename) or an equivalent;
@@ -242,13 +243,13 @@ RAW_WRITE = re.compile(r"\.write_text\(|\.write_bytes\(|open\([^)]*['\"][wa]b?['
                        r"np\.save\(|\.savefig\(|pickle\.dump\(|netCDF4\.Dataset\([^)]*['\"]w['\"]")
 REVIEWED = {
     "core/io.py",  # the atomic writers themselves
-    "glaunti/params.py",  # save_params: temporary file + fsync + os.replace
+    "glaunti/params.py",  # save_params writes where it is told; core.models.save_model: atomic
     "dataloader/cache.py",  # entries are built in a staging folder and renamed
-    "core/inference.py",  # write_netcdf writes inside core.io.atomic_path
-    "core/demo.py",  # the figure: temporary file + replace
-    "core/own_glacier.py",  # the figure: inside core.io.atomic_path
-    "core/notebook.py",  # the notebooks' figures: inside core.io.atomic_path
-    "core/crossvalidation.py",  # the figure: inside core.io.atomic_path
+    "core/infer/netcdf.py",  # DailySMBFile writes inside core.io.atomic_path
+    "core/apps/demo.py",  # the figure: temporary file + replace
+    "core/apps/own_glacier.py",  # the figure: inside core.io.atomic_path
+    "core/apps/notebook.py",  # the notebooks' figures: inside core.io.atomic_path
+    "core/apps/crossvalidation.py",  # the figure: inside core.io.atomic_path
     "dataloader/synthetic/generator.py",  # the twin: built in a temporary folder and renamed
     "dataloader/layout.py",  # (called by synthetic/generator.py and prepare/glacier.py on temporary folders)
     "dataloader/prepare/glacier.py",  # the glacier: built in a temporary folder and renamed
@@ -257,7 +258,7 @@ REVIEWED = {
 
 def test_every_writer_is_atomic():
     offenders = []
-    for path in sorted(REPO.glob("*.py")) + sorted(REPO.glob("core/*.py")) + \
+    for path in sorted(REPO.glob("*.py")) + sorted(REPO.glob("core/**/*.py")) + \
             sorted(REPO.glob("glaunti/*.py")) + sorted(REPO.glob("dataloader/**/*.py")):
         rel = path.relative_to(REPO).as_posix()
         if rel in REVIEWED:

@@ -26,7 +26,7 @@ import core.workflows
 from conftest import reference_path
 from core.apps.cli import train_main
 from core.execute.sets import with_study_years
-from core.models import initial_model, load_model, trainable_filter
+from core.models import initial_model, load_model
 from core.train.loop import make_loss_and_grad, make_optimiser
 from core.train.loss import data_loss, data_terms
 from core.workflows import finetune
@@ -124,7 +124,7 @@ def nudge_ulps(model, seed: int):
         up, down = np.nextafter(leaf, np.float32(np.inf)), np.nextafter(leaf, np.float32(-np.inf))
         return jnp.asarray(np.where(step > 0, up, np.where(step < 0, down, leaf)))
 
-    trainable, static = eqx.partition(model, trainable_filter(model))
+    trainable, static = eqx.partition(model, model.trainable_filter())
     return eqx.combine(jax.tree_util.tree_map(nudge, trainable), static)
 
 
@@ -137,10 +137,10 @@ def test_nudge_moves_trainable_elements_by_at_most_one_ulp():
     model = initial_model("c", start_path=published_a())
     nudged = nudge_ulps(model, 0)
     before, after = (np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(
-        eqx.filter(m, trainable_filter(m)))]) for m in (model, nudged))
+        eqx.filter(m, m.trainable_filter()))]) for m in (model, nudged))
     assert np.all(np.abs(after - before) <= np.spacing(np.abs(before)))
     assert 0.6 < np.mean(after != before) < 0.73  # -1, 0, +1 equally likely
-    frozen = [eqx.filter(m, trainable_filter(m), inverse=True) for m in (model, nudged)]
+    frozen = [eqx.filter(m, m.trainable_filter(), inverse=True) for m in (model, nudged)]
     assert eqx.tree_equal(*frozen)
 
 
@@ -203,7 +203,7 @@ def test_finetune_validates_as_published(tiny_reference_copy, tmp_path):
     # By hand: full-batch Adam on the training years; each parameter set's validation loss
     # over all years (rerun) and continuing the previous set's training years (carried).
     value_and_grad, value = make_loss_and_grad()
-    trainable, static = eqx.partition(model, trainable_filter(model))
+    trainable, static = eqx.partition(model, model.trainable_filter())
     optimiser = make_optimiser(lr)
     opt_state = optimiser.init(trainable)
     params = [trainable]

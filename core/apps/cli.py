@@ -83,7 +83,15 @@ def positive_float(text: str) -> float:
 
 
 def train_parser(model: str) -> argparse.ArgumentParser:
-    from core.models import DEFAULT_SEED, DESCRIPTIONS, EPOCHS, STARTS_FROM
+    from core.models import (
+        DEFAULT_SEED,
+        DESCRIPTIONS,
+        EPOCHS,
+        LEARNING_RATE,
+        STARTS_FROM,
+        log_path,
+        params_path,
+    )
 
     epochs = EPOCHS[model]
     parser = argparse.ArgumentParser(
@@ -93,10 +101,11 @@ def train_parser(model: str) -> argparse.ArgumentParser:
     add_data_folder(parser)
     parser.add_argument("--epochs", type=non_negative_int, default=epochs,
                         help=f"Number of epochs (default {epochs}, the published schedule)")
-    parser.add_argument("--learning_rate", type=positive_float, default=1e-3,
-                        help="Adam learning rate (default 1e-3)")
-    parser.add_argument("--params_path", default=f"params/{model}.eqx", help="Output params path (.eqx)")
-    parser.add_argument("--log_path", default=f"logs/{model}.csv", help="Output log path (.csv)")
+    parser.add_argument("--learning_rate", type=positive_float, default=LEARNING_RATE,
+                        help=f"Adam learning rate (default {LEARNING_RATE:g})")
+    parser.add_argument("--params_path", default=str(params_path(model)),
+                        help=f"Output params path (default {params_path(model)})")
+    parser.add_argument("--log_path", default=str(log_path(model)), help=f"Output log path (default {log_path(model)})")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                         help=f"Random seed of the initialisation (default {DEFAULT_SEED}, the "
                         "authors' key: their initial parameters)")
@@ -104,7 +113,7 @@ def train_parser(model: str) -> argparse.ArgumentParser:
                         help="Continue an interrupted run from its last completed epoch")
     if model in STARTS_FROM:
         base = STARTS_FROM[model]
-        parser.add_argument("--init_params_path", default=f"params/{base}.eqx",
+        parser.add_argument("--init_params_path", default=str(params_path(base)),
                             help=f"Calibrated model {base.upper()} to start from (.eqx)")
     parser.add_argument("--quiet", action="store_true", help="No progress bar")
     return parser

@@ -40,11 +40,17 @@ from core.evaluate.summary import SummaryError, format_spread_table, format_tabl
 from core.execute import distributed
 from core.execute.compiles import release_compiled
 from core.io import atomic_path, atomic_write_json, atomic_write_text
-from core.models import DEFAULT_SEED, DESCRIPTIONS, EPOCHS, MODELS, STARTS_FROM
-from core.workflows import (
+from core.models import (
+    DEFAULT_SEED,
+    DESCRIPTIONS,
+    EPOCHS,
     FINETUNE_EPOCHS,
     FINETUNE_TRAIN_YEARS,
     FINETUNE_VAL_YEARS,
+    MODELS,
+    STARTS_FROM,
+)
+from core.workflows import (
     calibrate,
     evaluate_smb_file,
     finetune,

@@ -29,19 +29,19 @@ import numpy as np
 
 import constants
 from core.io import atomic_path, atomic_write_json
-from core.models import load_model
+from core.models import FINETUNE_EPOCHS, load_model, params_path, save_model
 from core.workflows import finetune
 from dataloader import DataError, Dataset, resolve_data_folder
 from dataloader.tensors import GlacierTensors
-from glaunti import TIModel, save_params
+from glaunti import TIModel
 from glaunti.glacier import GlacierArrays, make_arrays
 
 FAST_ENV = "GLAUNTI_NOTEBOOK_FAST"
 GLACIER_ENV = "GLAUNTI_NOTEBOOK_GLACIER"
 OUT_ENV = "GLAUNTI_NOTEBOOK_OUT"
 DEFAULT_OUT = Path("outputs/notebooks")
-DEFAULT_PARAMS = Path("params/a.eqx")  # calibrated model A (train_a.py)
-FINETUNE_EPOCHS, FAST_FINETUNE_EPOCHS = 250, 5
+DEFAULT_PARAMS = params_path("a")  # calibrated model A (train_a.py)
+FAST_FINETUNE_EPOCHS = 5
 
 
 def fast_mode() -> bool:
@@ -107,7 +107,7 @@ def finetuned_model_a(dataset: Dataset, glacier: str, tensors: GlacierTensors, o
           f"training {train[0]}–{train[1]}, validation {val[0]}–{val[1]}")
     with tempfile.TemporaryDirectory(prefix="glaunti_notebook_") as work:
         work = Path(work)
-        save_params(TIModel.prior(), work / "prior.eqx")
+        save_model(TIModel.prior(), work / "prior.eqx")
         # Fine-tuned away from the cache path, which then only ever holds a finished run.
         model, _ = finetune(glacier, dataset.folder, init_params_path=work / "prior.eqx",
                             final_params_path=work / "a.eqx", log_path=work / "finetune.csv",
@@ -124,7 +124,7 @@ def setup(notebook: str, glacier: str | None = None, params: str | Path = DEFAUL
     ``GLAUNTI_NOTEBOOK_GLACIER``, else the first test glacier), the output folder (``out``, else
     ``GLAUNTI_NOTEBOOK_OUT``, else outputs/notebooks; created) and model A: ``params`` if that
     file exists, else fine-tuned on the glacier from the prior (:func:`finetuned_model_a`, with
-    ``finetune_epochs``, default 250, or 5 in fast mode)."""
+    ``finetune_epochs``, default ``core.models.FINETUNE_EPOCHS``, or 5 in fast mode)."""
     fast = fast_mode()
     out = Path(out or os.environ.get(OUT_ENV) or DEFAULT_OUT)
     out.mkdir(parents=True, exist_ok=True)

@@ -54,12 +54,11 @@ from tqdm.auto import tqdm
 from core.execute import distributed
 from core.execute.compiles import announce_compile, claim_compile, compiled_signatures, progress_note
 from core.execute.sets import compile_owners
-from core.models import trainable_filter
+from core.models import LEARNING_RATE, log_path, params_path, save_model
 from core.train.checkpoint import Checkpoint, CheckpointError, checkpoint_path
 from core.train.log import LOG_COLUMNS, Log, log_row
 from core.train.loss import aux_to_python, batch_loss, glacier_loss
 from glaunti.glacier import GlacierBatch, run_glacier
-from glaunti.params import save_params
 
 __all__ = ["CLIP_NORM", "LOG_COLUMNS", "VALIDATION_RULES", "Checkpoint", "Evaluation", "GlacierResult", "Log",
            "TrainConfig", "TrainingError", "checkpoint_path", "epoch_gradient", "evaluate_glaciers",
@@ -76,9 +75,9 @@ class TrainingError(RuntimeError):
 @dataclass
 class TrainConfig:
     epochs: int = 50
-    learning_rate: float = 1e-3
-    params_path: Path = Path("params/a.eqx")
-    log_path: Path = Path("logs/a.csv")
+    learning_rate: float = LEARNING_RATE
+    params_path: Path = params_path("a")
+    log_path: Path = log_path("a")
     resume: bool = False
     checkpoint: bool = True
     show_progress: bool = True
@@ -436,7 +435,7 @@ def train(
         raise ValueError(f"unknown validation rule {config.validation!r}; expected one of "
                          f"{', '.join(VALIDATION_RULES)}")
     carried = config.validation == "carried"
-    filter_spec = trainable_filter(model)
+    filter_spec = model.trainable_filter()
     trainable, static = eqx.partition(model, filter_spec)
     optimiser = make_optimiser(config.learning_rate)
     value_and_grad, value = make_loss_and_grad()
@@ -488,7 +487,7 @@ def train(
         state.best_val = validate(state.trainable, 0, t0, where=val_placement)
         state.best_epoch = 0
         if main:
-            save_params(eqx.combine(state.best_trainable, static), config.params_path)
+            save_model(eqx.combine(state.best_trainable, static), config.params_path)
             log.flush()
             if config.checkpoint:
                 state.save(ckpt)
@@ -506,7 +505,7 @@ def train(
         if val < state.best_val:
             state.best_val, state.best_epoch, state.best_trainable = val, epoch, state.trainable
             if main:
-                save_params(eqx.combine(state.best_trainable, static), config.params_path)
+                save_model(eqx.combine(state.best_trainable, static), config.params_path)
         now = time.perf_counter()
         elapsed, last_closed = now - last_closed, now  # with overlap: the epoch's share of the time
         log.set_epoch_time(epoch, elapsed)
@@ -551,7 +550,7 @@ def train(
             pool.shutdown(wait=True)
         bar.close()
     if main and not math.isfinite(state.best_val):  # "carried" with no epoch run: keep the start
-        save_params(eqx.combine(state.best_trainable, static), config.params_path)
+        save_model(eqx.combine(state.best_trainable, static), config.params_path)
     distributed.sync("glaunti-train-end")
     return eqx.combine(state.best_trainable, static), state
 
