@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import jax.random as jr
@@ -29,7 +30,7 @@ PUBLISHED_PARAMS = Path(__file__).resolve().parents[1] / "params" / "published"
 __all__ = ["DEFAULT_SEED", "DESCRIPTIONS", "EPOCHS", "FINETUNE_EPOCHS", "FINETUNE_LEARNING_RATE",
            "FINETUNE_TRAIN_YEARS", "FINETUNE_VAL_YEARS", "LEARNING_RATE", "MODELS", "PUBLISHED_PARAMS",
            "STARTS_FROM", "build", "finetuned_name", "initial_model", "load_model", "log_path", "params_path",
-           "published_params_path", "save_model", "uses_facies"]
+           "params_provenance", "published_params_path", "save_model", "uses_facies"]
 
 
 def params_path(name: str, folder: str | Path = "params") -> Path:
@@ -46,6 +47,12 @@ def finetuned_name(glacier: str) -> str:
     """The name under which A fine-tuned on ``glacier`` is stored (``params/<it>.eqx``,
     ``logs/<it>.csv``)."""
     return "a_" + glacier.replace(" ", "_")
+
+
+def params_provenance(path: str | Path) -> dict:
+    """Which weights made a result: the parameter file's path and SHA-256 (outputs record it)."""
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return {"path": str(path), "sha256": digest}
 
 
 def save_model(model, path: str | Path) -> Path:

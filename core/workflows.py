@@ -11,8 +11,8 @@ from core import models
 from core.evaluate.metrics import evaluate
 from core.execute import distributed
 from core.execute.sets import GlacierSet, with_study_years
-from core.infer.netcdf import SMB_VARIABLE, write_netcdf
-from core.infer.runner import iter_daily_smb, write_daily_smb_batches
+from core.infer.netcdf import SMB_VARIABLE
+from core.infer.runner import write_daily_smb_batches
 from core.io import atomic_write_json, check_output_paths
 from core.models import (
     DEFAULT_SEED,
@@ -26,12 +26,13 @@ from core.models import (
     finetuned_name,
     initial_model,
     load_model,
+    params_provenance,
     published_params_path,
     uses_facies,
 )
 from core.train.loop import TrainConfig, train
 from dataloader import DataError, Dataset, resolve_data_folder
-from glaunti.layouts import layout_for, make_arrays
+from glaunti.layouts import inference_layout, layout_for, make_arrays
 from glaunti.params import load_params
 
 
@@ -78,45 +79,26 @@ def calibrate(model_name: str, data_folder=None, epochs=None, learning_rate=LEAR
 
 
 def infer_and_evaluate(model_name: str, glacier: str, smb_path, eval_path, params_path=None,
-                       data_folder=None, model=None, years=None):
-    """Daily SMB NetCDF + evaluation JSON of one glacier; returns the evaluation dict.
-
-    The SMB covers every study year; ``years`` = (first, last) scores only those balance years
-    (``core.evaluate.metrics.evaluate``), None all of them."""
-    check_output_paths(smb_path=smb_path, eval_path=eval_path)
-    distributed.setup()
-    dataset = Dataset(resolve_data_folder(data_folder))
-    dataset.info(glacier)  # an unknown name fails before anything is loaded
-    if model is None:
-        params_path = resolve_params_path(model_name, params_path)
-        model = load_model(model_name, params_path)
-    tensors = dataset.glacier(glacier)
-    arrays = make_arrays(tensors, facies=uses_facies(model_name))
-    write_netcdf(smb_path, tensors, iter_daily_smb(model, arrays, tensors), model_name)
-    result = evaluate_smb_file(tensors, smb_path, years)
-    atomic_write_json(eval_path, result)
-    return result
-
-
-def inference_layout(model) -> str | None:
-    """The layout in which glaciers of different grids can share an inference batch:
-    "padded_grid" for a model whose outputs ignore cells beyond ``grid_size`` (C, D), "padded"
-    for a cell-independent one (A, B: a padded cell changes no other); None: glacier by
-    glacier on the exact grid."""
-    if getattr(model, "pads_grid", False):
-        return "padded_grid"
-    return "padded" if model.cell_independent else None
+                       data_folder=None, years=None) -> dict:
+    """Daily SMB NetCDF + evaluation JSON of one glacier (:func:`infer_and_evaluate_many` of
+    one); returns the evaluation dict."""
+    return infer_and_evaluate_many(model_name, [glacier], [smb_path], [eval_path], params_path,
+                                   data_folder, years)[0]
 
 
 def infer_and_evaluate_many(model_name: str, glaciers, smb_paths, eval_paths, params_path=None,
-                            data_folder=None, model=None, years=None) -> list[dict]:
-    """:func:`infer_and_evaluate` of several glaciers, batched as training batches them
-    (``core.execute.sets.GlacierSet``): on a GPU the glaciers of one grid bucket run as one vmapped
-    computation, on a CPU one at a time in shape classes that share a compiled function; the
-    batches are spread over the local devices (one computing thread each, every file written
-    from this thread: ``core.infer.runner.write_daily_smb_batches``). The
-    files are those of the glacier run alone, up to float32 rounding where a batch pads C/D's
-    grid (the masked corrector; docs/performance.md). Returns the evaluation dicts in order."""
+                            data_folder=None, years=None) -> list[dict]:
+    """Daily SMB NetCDF files and evaluation JSONs of several glaciers, batched as training
+    batches them (``core.execute.sets.GlacierSet``): on a GPU the glaciers of one grid bucket run
+    as one vmapped computation, on a CPU one at a time in shape classes that share a compiled
+    function; the batches are spread over the local devices (one computing thread each, every
+    file written from this thread: ``core.infer.runner.write_daily_smb_batches``). The files
+    are those of the glacier run alone, up to float32 rounding where a batch pads C/D's grid (the
+    masked corrector; docs/performance.md).
+
+    The SMB covers every study year; ``years`` = (first, last) scores only those balance years
+    (``core.evaluate.metrics.evaluate``), None all of them. Each evaluation names the parameter
+    file and its SHA-256 (``params``). Returns the evaluation dicts in order."""
     glaciers, smb_paths, eval_paths = list(glaciers), list(smb_paths), list(eval_paths)
     if not len(glaciers) == len(smb_paths) == len(eval_paths):
         raise ValueError(f"{len(glaciers)} glaciers need as many SMB and evaluation paths, got "
@@ -127,18 +109,15 @@ def infer_and_evaluate_many(model_name: str, glaciers, smb_paths, eval_paths, pa
     dataset = Dataset(resolve_data_folder(data_folder))
     for glacier in glaciers:
         dataset.info(glacier)  # an unknown name fails before anything is loaded
-    if model is None:
-        model = load_model(model_name, resolve_params_path(model_name, params_path))
-    layout = inference_layout(model)
-    if layout is None:
-        return [infer_and_evaluate(model_name, g, s, e, data_folder=dataset.folder, model=model, years=years)
-                for g, s, e in zip(glaciers, smb_paths, eval_paths)]
-    glacier_set = GlacierSet(dataset, glaciers, uses_facies(model_name), layout=layout)
+    params_path = resolve_params_path(model_name, params_path)
+    model = load_model(model_name, params_path)
+    params = params_provenance(params_path)
+    glacier_set = GlacierSet(dataset, glaciers, uses_facies(model_name), layout=inference_layout(model))
     results: list = [None] * len(glaciers)
 
     def evaluate_batch(batch, tensors):
         for i, glacier_tensors in zip(batch.indices, tensors):
-            results[i] = evaluate_smb_file(glacier_tensors, smb_paths[i], years)
+            results[i] = {"params": params, **evaluate_smb_file(glacier_tensors, smb_paths[i], years)}
             atomic_write_json(eval_paths[i], results[i])
 
     write_daily_smb_batches(model, glacier_set, smb_paths, model_name, written=evaluate_batch)

@@ -212,6 +212,14 @@ def layout_for(model) -> str:
     return "padded_grid" if getattr(model, "pads_grid", False) else "padded"
 
 
+def inference_layout(model) -> str:
+    """The layout in which glaciers of different grids share an inference batch: "padded_grid"
+    for a model whose outputs ignore cells beyond ``grid_size`` (C, D), else "padded" (A, B:
+    cell-independent, a padded cell changes no other; the whole grid, not only "cells", since
+    the daily SMB covers every cell)."""
+    return "padded_grid" if getattr(model, "pads_grid", False) else "padded"
+
+
 def _pad_axis(a: np.ndarray, axis: int, n: int, fill=0, edge: bool = False) -> np.ndarray:
     extra = n - a.shape[axis]
     if extra <= 0:

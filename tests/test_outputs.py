@@ -4,6 +4,8 @@ and GDAL, permissions that follow the umask, and the chunking of the daily SMB N
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import stat
 from pathlib import Path
@@ -61,6 +63,15 @@ def daily_smb(tiny_twin, tmp_path_factory):
                                         "--params_path", str(params), "--data_folder", str(tiny_twin)])
     assert code == 0
     return smb_path, eval_path, glacier
+
+
+def test_evaluation_names_its_parameter_file(daily_smb):
+    """A user can tell which weights made a result: the evaluation JSON names the parameter
+    file and its SHA-256."""
+    _, eval_path, _ = daily_smb
+    params = eval_path.with_name("a.eqx")
+    recorded = json.loads(eval_path.read_text())["params"]
+    assert recorded == {"path": str(params), "sha256": hashlib.sha256(params.read_bytes()).hexdigest()}
 
 
 # ---------------------------------------------------------------------------------------------
