@@ -32,8 +32,6 @@ padded cells' values reach neither the output nor the gradient.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 
 import equinox as eqx
@@ -69,20 +67,8 @@ _RESIZE_WEIGHT_FLOOR = 1000.0 * float(np.finfo(np.float32).eps)
 # back to a plain loop nest: ~7× slower, and its float32 sums run in another order than the
 # published code's, which calls the corrector at the top level of a per-year jitted function.
 # In the training losses the convolutions are therefore written channels-last, forward and
-# backward (:func:`canonical_convolutions`): bit for bit what XLA computes at the top level.
-_CANONICAL = contextvars.ContextVar("glaunti_canonical_convolutions", default=False)
-
-
-@contextlib.contextmanager
-def canonical_convolutions(enabled: bool = True):
-    """Within this context (at trace time) the corrector's convolutions run channels-last with
-    a hand-written reverse-mode derivative (:func:`_conv_last`): the published CPU numbers
-    inside loops too, and no forward-mode derivative (training losses only)."""
-    token = _CANONICAL.set(bool(enabled))
-    try:
-        yield
-    finally:
-        _CANONICAL.reset(token)
+# backward (``channels_last=True``, an argument of every corrector call): bit for bit what XLA
+# computes at the top level.
 
 
 def _conv_last_plain(x, w, padding):
@@ -120,10 +106,11 @@ def _conv_last_bwd(padding, res, g):
 _conv_last.defvjp(_conv_last_fwd, _conv_last_bwd)
 
 
-def conv(module: eqx.nn.Conv, x: Float[Array, "C ..."]) -> Float[Array, "O ..."]:
-    """``module(x)`` for an unbatched channels-first ``x``; channels-last with the hand-written
-    derivative inside :func:`canonical_convolutions`."""
-    if not _CANONICAL.get():
+def conv(module: eqx.nn.Conv, x: Float[Array, "C ..."], channels_last: bool = False) -> Float[Array, "O ..."]:
+    """``module(x)`` for an unbatched channels-first ``x``; with ``channels_last`` computed
+    channels-last with a hand-written reverse-mode derivative (the published CPU numbers inside
+    loops too, and no forward-mode derivative: training losses only)."""
+    if not channels_last:
         return module(x)
     n = module.num_spatial_dims
     if module.stride != (1,) * n or module.dilation != (1,) * n or module.groups != 1:
@@ -177,12 +164,12 @@ class ConvBlock(eqx.Module):
         )
         self.norm = RMSNorm(channels, spatial_dims)
 
-    def __call__(self, x, mask: Bool[Array, "..."] | None = None):
+    def __call__(self, x, mask: Bool[Array, "..."] | None = None, channels_last: bool = False):
         """With ``mask`` (padded grid; ``x`` zero outside it) the output is zeroed outside the
-        mask again, ready for the next 'SAME' convolution."""
+        mask again, ready for the next 'SAME' convolution. ``channels_last``: :func:`conv`."""
         if mask is None:
-            return jax.nn.swish(self.norm(conv(self.conv, x)))
-        return jnp.where(mask, jax.nn.swish(self.norm(conv(self.conv, x), mask)), 0.0)
+            return jax.nn.swish(self.norm(conv(self.conv, x, channels_last)))
+        return jnp.where(mask, jax.nn.swish(self.norm(conv(self.conv, x, channels_last), mask)), 0.0)
 
 
 class DoubleBlock(eqx.Module):
@@ -196,8 +183,8 @@ class DoubleBlock(eqx.Module):
         self.block1 = ConvBlock(channels, spatial_dims, k1)
         self.block2 = ConvBlock(channels, spatial_dims, k2)
 
-    def __call__(self, x, mask: Bool[Array, "..."] | None = None):
-        return self.block2(self.block1(x, mask), mask)
+    def __call__(self, x, mask: Bool[Array, "..."] | None = None, channels_last: bool = False):
+        return self.block2(self.block1(x, mask, channels_last), mask, channels_last)
 
 
 class Down(eqx.Module):
@@ -208,8 +195,8 @@ class Down(eqx.Module):
     def __init__(self, channels: int, key: PRNGKeyArray):
         self.block = DoubleBlock(channels, 2, key)
 
-    def __call__(self, x: Float[Array, "C H W"]) -> Float[Array, "C H//2 W//2"]:
-        return max_pool_2x2(self.block(x))
+    def __call__(self, x: Float[Array, "C H W"], channels_last: bool = False) -> Float[Array, "C H//2 W//2"]:
+        return max_pool_2x2(self.block(x, channels_last=channels_last))
 
 
 def max_pool_2x2(x: Float[Array, "C H W"]) -> Float[Array, "C H//2 W//2"]:
@@ -245,24 +232,24 @@ class Branch2D(eqx.Module):
         self.bottleneck = DoubleBlock(WIDTH_2D, 2, k_b)
 
     def __call__(
-        self, x: Float[Array, "15 H W"], grid_size: Int[Array, "2"] | None = None
+        self, x: Float[Array, "15 H W"], grid_size: Int[Array, "2"] | None = None, channels_last: bool = False
     ) -> Float[Array, "32 H//8 W//8"]:
         """With ``grid_size`` = (h, w), ``x`` is a padded grid whose true cells are its
         top-left h×w block; the output's true block is then (h//8, w//8), zero elsewhere."""
         if grid_size is None:
-            x = conv(self.in_conv, x)
+            x = conv(self.in_conv, x, channels_last)
             for down in self.downs:
-                x = down(x)
-            return self.bottleneck(x)
+                x = down(x, channels_last)
+            return self.bottleneck(x, channels_last=channels_last)
         mask = grid_mask(grid_size, x.shape[1:])
-        x = conv(self.in_conv, jnp.where(mask, x, 0.0))  # 1×1, no bias: zero stays zero
+        x = conv(self.in_conv, jnp.where(mask, x, 0.0), channels_last)  # 1×1, no bias: zero stays zero
         for down in self.downs:
             # The 2×2 pool keeps ⌊h/2⌋ × ⌊w/2⌋ true cells (it drops a trailing odd row/column).
             grid_size = grid_size // 2
-            x = max_pool_2x2(down.block(x, mask))
+            x = max_pool_2x2(down.block(x, mask, channels_last))
             mask = grid_mask(grid_size, x.shape[1:])
             x = jnp.where(mask, x, 0.0)
-        return self.bottleneck(x, mask)
+        return self.bottleneck(x, mask, channels_last)
 
 
 class Branch1D(eqx.Module):
@@ -276,10 +263,10 @@ class Branch1D(eqx.Module):
         self.in_conv = eqx.nn.Conv1d(N_CLIMATE, WIDTH_1D, 1, use_bias=False, key=k_in)
         self.conv_blocks = [DoubleBlock(WIDTH_1D, 1, k) for k in k_blocks]
 
-    def __call__(self, x: Float[Array, "2 M"]) -> Float[Array, "8 1"]:
-        x = conv(self.in_conv, x)
+    def __call__(self, x: Float[Array, "2 M"], channels_last: bool = False) -> Float[Array, "8 1"]:
+        x = conv(self.in_conv, x, channels_last)
         for blocks in self.conv_blocks:
-            x = avg_pool_2(blocks(x))
+            x = avg_pool_2(blocks(x, channels_last=channels_last))
         return jnp.mean(x, axis=1, keepdims=True)
 
 
@@ -391,7 +378,8 @@ class Corrector(eqx.Module):
         self.out_conv = eqx.nn.Conv2d(WIDTH_2D, N_OUT, 1, use_bias=True, key=ko)
 
     def climate_features(
-        self, climate_monthly: Float[Array, "2 M"], n_months: Int[Array, ""] | int | None = None
+        self, climate_monthly: Float[Array, "2 M"], n_months: Int[Array, ""] | int | None = None,
+        channels_last: bool = False,
     ) -> Float[Array, "8 1"]:
         """The 1-D branch on the first ``n_months`` months of ``climate_monthly``.
 
@@ -403,7 +391,7 @@ class Corrector(eqx.Module):
         """
         climate_monthly = jnp.asarray(climate_monthly, jnp.float32)
         if n_months is None:
-            return self.branch_1d(climate_monthly)
+            return self.branch_1d(climate_monthly, channels_last)
         if isinstance(n_months, (int, np.integer)) and not isinstance(n_months, bool):
             n_months = int(n_months)
             if n_months > climate_monthly.shape[1] or n_months < 1:
@@ -411,13 +399,13 @@ class Corrector(eqx.Module):
                     f"n_months={n_months} does not fit a climate series of "
                     f"{climate_monthly.shape[1]} months"
                 )
-            return self.branch_1d(climate_monthly[:, :n_months])
+            return self.branch_1d(climate_monthly[:, :n_months], channels_last)
         if climate_monthly.shape[1] < max(MONTH_COUNTS):
             raise ValueError(
                 f"with a traced n_months the climate series must be zero-padded to "
                 f"{max(MONTH_COUNTS)} months; got {climate_monthly.shape[1]}"
             )
-        candidates = jnp.stack([self.branch_1d(climate_monthly[:, :m]) for m in MONTH_COUNTS])
+        candidates = jnp.stack([self.branch_1d(climate_monthly[:, :m], channels_last) for m in MONTH_COUNTS])
         index = jnp.clip(jnp.asarray(n_months) - MONTH_COUNTS[0], 0, len(MONTH_COUNTS) - 1)
         return candidates[index]
 
@@ -427,8 +415,10 @@ class Corrector(eqx.Module):
         climate_monthly: Float[Array, "2 M"],
         n_months: Int[Array, ""] | int | None = None,
         grid_size: Int[Array, "2"] | None = None,
+        channels_last: bool = False,
     ) -> Float[Array, "5 H W"]:
         """Corrections d1..d5 (5, H, W); see :meth:`climate_features` for ``n_months``.
+        ``channels_last`` (static): the convolutions of training losses (:func:`conv`).
 
         ``grid_size`` = (H, W) (int, possibly traced) runs on a padded grid: ``fields`` is
         (15, Hp, Wp) with the glacier's grid in its top-left H×W block (the rest may hold any
@@ -442,18 +432,20 @@ class Corrector(eqx.Module):
         _, height, width = fields.shape
         check_grid(height, width)
         if grid_size is None:
-            x2 = self.branch_2d(fields)  # (32, h, w)
-            x1 = conv(self.reproj_1d_to_2d_conv, self.climate_features(climate_monthly, n_months))
-            x = self.fuse_conv(x2 + x1[:, :, None])  # (32, 1) broadcast over (h, w)
-            out = conv(self.out_conv, x) * OUT_SCALE
+            x2 = self.branch_2d(fields, channels_last=channels_last)  # (32, h, w)
+            x1 = conv(self.reproj_1d_to_2d_conv, self.climate_features(climate_monthly, n_months, channels_last),
+                      channels_last)
+            x = self.fuse_conv(x2 + x1[:, :, None], channels_last=channels_last)  # (32, 1) over (h, w)
+            out = conv(self.out_conv, x, channels_last) * OUT_SCALE
             return jax.image.resize(out, (N_OUT, height, width), "bilinear", antialias=False)
         grid_size = jnp.asarray(grid_size)
         _check_grid_size(grid_size, height, width)
         grid_size = grid_size.astype(jnp.int32)
-        x2 = self.branch_2d(fields, grid_size)  # (32, Hp//8, Wp//8), true block (H//8, W//8)
-        x1 = conv(self.reproj_1d_to_2d_conv, self.climate_features(climate_monthly, n_months))
+        x2 = self.branch_2d(fields, grid_size, channels_last)  # (32, Hp//8, Wp//8), true block (H//8, W//8)
+        x1 = conv(self.reproj_1d_to_2d_conv, self.climate_features(climate_monthly, n_months, channels_last),
+                  channels_last)
         bottom_size = grid_size // 8  # three floor halvings
         mask = grid_mask(bottom_size, x2.shape[1:])
-        x = self.fuse_conv(jnp.where(mask, x2 + x1[:, :, None], 0.0), mask)
-        out = jnp.where(mask, conv(self.out_conv, x) * OUT_SCALE, 0.0)  # the bias is not zero
+        x = self.fuse_conv(jnp.where(mask, x2 + x1[:, :, None], 0.0), mask, channels_last)
+        out = jnp.where(mask, conv(self.out_conv, x, channels_last) * OUT_SCALE, 0.0)  # the bias is not zero
         return resize_bilinear_padded(out, bottom_size, grid_size, (height, width))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from glaunti.corrector import Corrector, canonical_convolutions, check_grid
+from glaunti.corrector import Corrector, check_grid
 from glaunti.glacier import (
     fields_forcing,
     grid_row,
@@ -255,8 +255,8 @@ class GlaUnTI(eqx.Module):
 
     def corrections_at(self, arrays, k, swe, custom_vjp: bool = False) -> Float[Array, "5 H W"]:
         """d1..d5 of glacier year k given the SWE its computed channels start from.
-        ``custom_vjp`` (a reverse-mode training loss) traces the corrector under
-        :func:`glaunti.corrector.canonical_convolutions`."""
+        ``custom_vjp`` (a reverse-mode training loss) runs the corrector's convolutions
+        channels-last with their hand-written derivative (``glaunti.corrector.conv``)."""
         valid = arrays.day_valid[k]
         row = grid_row(arrays)  # the TI runs treat every cell alone: bit-identical, faster
 
@@ -266,8 +266,8 @@ class GlaUnTI(eqx.Module):
         channels = to_grid(computed_channels(self.ti, to_row(swe), scan), arrays.shape)
         inputs = jnp.concatenate([channels, arrays.fields[k]], axis=0)
         grid_size = arrays.grid_size if arrays.grid_padded else None
-        with canonical_convolutions(custom_vjp):
-            return self.corrector(inputs, arrays.climate_monthly[k], arrays.n_months[k], grid_size=grid_size)
+        return self.corrector(inputs, arrays.climate_monthly[k], arrays.n_months[k], grid_size=grid_size,
+                              channels_last=custom_vjp)
 
     def year_step(self, arrays, k, state, *, series=False, spinup=False, custom_vjp=False):
         """Balance year k of a glacier (``glaunti.glacier.year_step``) with its corrections.

@@ -1,4 +1,4 @@
-"""The corrector's convolutions in the training loss (``glaunti.corrector.canonical_convolutions``).
+"""The corrector's convolutions in the training loss (``channels_last=True``, ``glaunti.corrector.conv``).
 
 Inside a loop XLA's CPU backend computes a channels-first convolution (and the convolutions
 autodiff derives from it) with a fallback loop nest whose float32 sums differ from the Eigen
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from core.models import load_model, published_params_path
-from glaunti.corrector import Corrector, canonical_convolutions, conv
+from glaunti.corrector import Corrector, conv
 from glaunti.glacier import published_precision
 
 # (spatial dims, in, out, kernel, bias, input shape without channels): every kind the corrector has.
@@ -54,8 +54,8 @@ def test_convolution_in_a_loop_is_the_top_level_one(kind):
 
     def value_and_grads(canonical):
         def loss(module, x):
-            with canonical_convolutions(canonical), published_precision():
-                return jnp.sum(jnp.sin(conv(module, x)))
+            with published_precision():
+                return jnp.sum(jnp.sin(conv(module, x, channels_last=canonical)))
         return jax.value_and_grad(loss, argnums=(0, 1))(module, x)
 
     top_level = jax.jit(lambda: value_and_grads(False))()
@@ -79,8 +79,8 @@ def test_corrector_in_a_loop_is_the_top_level_one(corrector_inputs, padded):
 
     def value_and_grad(corrector, fields, climate, canonical):
         def loss(corrector: Corrector):
-            with canonical_convolutions(canonical), published_precision():
-                return jnp.sum(corrector(fields, climate, 13, grid_size=grid_size) ** 2)
+            with published_precision():
+                return jnp.sum(corrector(fields, climate, 13, grid_size=grid_size, channels_last=canonical) ** 2)
         return eqx.filter_value_and_grad(loss)(corrector)
 
     # Inputs as arguments, as in training (a constant operand lets XLA rewrite a convolution).
@@ -90,15 +90,15 @@ def test_corrector_in_a_loop_is_the_top_level_one(corrector_inputs, padded):
 
 
 def test_plain_convolutions_keep_forward_mode(corrector_inputs):
-    """Outside the context the corrector is plain JAX: forward-mode derivatives work (the
-    analysis code's ``jax.jvp``); inside it they are refused, as for any custom VJP."""
+    """By default the corrector is plain JAX: forward-mode derivatives work (the analysis
+    code's ``jax.jvp``); channels-last they are refused, as for any custom VJP."""
     corrector, fields, climate = corrector_inputs
 
-    def corrections(fields):
+    def corrections(fields, channels_last=False):
         with published_precision():
-            return corrector(fields, climate, 13)
+            return corrector(fields, climate, 13, channels_last=channels_last)
 
     _, tangent = jax.jvp(corrections, (fields,), (jnp.ones_like(fields),))
     assert np.isfinite(np.asarray(tangent)).all()
-    with canonical_convolutions(), pytest.raises(TypeError):
-        jax.jvp(corrections, (fields,), (jnp.ones_like(fields),))
+    with pytest.raises(TypeError):
+        jax.jvp(lambda f: corrections(f, True), (fields,), (jnp.ones_like(fields),))
