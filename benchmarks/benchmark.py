@@ -137,9 +137,9 @@ def worker(args) -> dict:
     from core.execute.sets import GlacierSet
     from core.infer.runner import iter_daily_smb
     from core.models import build, uses_facies
-    from core.train.loop import epoch_gradient, make_loss_and_grad
+    from core.train.loop import epoch_gradient, loss_and_grad, loss_only
     from dataloader import Dataset
-    from glaunti.glacier import layout_for, make_arrays
+    from glaunti.layouts import layout_for, make_arrays
 
     name = args._worker
     dataset = Dataset(_dataset_folder(args))
@@ -151,7 +151,7 @@ def worker(args) -> dict:
                           passes=args.passes)
     validation = GlacierSet(dataset, dataset.val_names, uses_facies(name), layout=layout,
                             batch_bytes=args.batch_bytes, passes=args.passes + 1)
-    value_and_grad, _ = make_loss_and_grad()
+    value_and_grad, _ = (loss_and_grad, loss_only)
 
     # Work per epoch: the published grid cell-days and what the engine steps (every glacier of a
     # batch is stepped on the batch's grid).

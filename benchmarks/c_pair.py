@@ -177,7 +177,7 @@ def main(argv=None) -> dict:
     from core.models import initial_model, published_params_path
     from core.train.loop import TrainConfig, train
     from dataloader import Dataset
-    from glaunti.glacier import layout_for, make_arrays
+    from glaunti.layouts import layout_for, make_arrays
 
     dataset = Dataset(Path(args.data_folder))
     model = initial_model("c", start_path=published_params_path("a"))

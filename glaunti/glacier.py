@@ -35,21 +35,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 import constants
-from glaunti.layouts import (  # noqa: F401  (the whole-glacier API in one import)
-    INDEX_CODE,
-    LAYOUTS,
-    STAKE_PADDING,
-    GlacierArrays,
-    GlacierBatch,
-    cell_bucket,
-    column_bucket,
-    grid_bucket,
-    host_arrays,
-    layout_for,
-    make_arrays,
-    pack_host_cells,
-    pad_host_arrays,
-)
+from glaunti.layouts import GlacierArrays
 
 # The published numbers are float32 matmuls (the GRU cell, the corrector's convolutions).
 MATMUL_PRECISION = "float32"

@@ -31,11 +31,6 @@ class ParamsError(ValueError):
     """A parameter file does not hold the parameters of the expected model."""
 
 
-def model_kind(model) -> str:
-    """'A', 'B' or 'C/D': the model's parameter-file layout."""
-    return model.kind
-
-
 def template(kind: str):
     """A shape-only model ('a', 'b', 'c' or 'd'; leaves are ``jax.ShapeDtypeStruct``) to
     load into: unlike a real fresh model it costs no random initialisation."""
@@ -86,7 +81,7 @@ def load_params(model, path):
     if isinstance(model, str):
         model = template(model)
     paths, leaves, treedef = _flatten(model)
-    what = f"model {model_kind(model)} ({type(model).__name__}, {len(leaves)} arrays)"
+    what = f"model {model.kind} ({type(model).__name__}, {len(leaves)} arrays)"
     if not path.is_file():
         raise ParamsError(f"{path}: no such parameter file (expected the parameters of {what})")
     values = []

@@ -15,7 +15,7 @@ import pytest
 
 from glaunti import GRUModel, TIModel
 from glaunti import analysis as an
-from glaunti.glacier import make_arrays
+from glaunti.layouts import make_arrays
 
 
 @pytest.fixture(scope="module")

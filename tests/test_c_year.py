@@ -16,7 +16,8 @@ import pytest
 
 from core.models import load_model, published_params_path, uses_facies
 from core.train.loss import glacier_loss
-from glaunti.glacier import make_arrays, published_precision, run_glacier, scan_block
+from glaunti.glacier import published_precision, run_glacier, scan_block
+from glaunti.layouts import make_arrays
 from glaunti.ti_corr_model import GlaUnTI
 from glaunti.ti_model import apply_corrections, ti_step
 

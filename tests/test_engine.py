@@ -17,7 +17,8 @@ from conftest import PUBLISHED, REPO
 from core.models import EPOCHS, MODELS, build, load_model
 from core.train.loss import glacier_loss
 from glaunti import registry
-from glaunti.glacier import make_arrays, run_glacier, scan_block, walk_years, year_step
+from glaunti.glacier import run_glacier, scan_block, walk_years, year_step
+from glaunti.layouts import make_arrays
 from glaunti.params import load_params, save_params
 from glaunti.ti_corr_model import GlaUnTI
 

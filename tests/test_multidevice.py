@@ -20,8 +20,8 @@ import pytest
 
 from conftest import PUBLISHED, reference_path
 from core.models import load_model, uses_facies
-from core.train.loop import make_loss_and_grad
-from glaunti.glacier import cell_bucket, make_arrays
+from core.train.loop import loss_and_grad, loss_only
+from glaunti.layouts import cell_bucket, make_arrays
 
 REPO = Path(__file__).resolve().parents[1]
 RTOL, ATOL = 1e-4, 1e-5
@@ -111,7 +111,7 @@ def _expected():
 def test_training_layouts_match_golden(model_name, layout, tiny_reference_dataset):
     model = load_model(model_name, PUBLISHED / f"{model_name}.eqx")
     trainable, static = eqx.partition(model, model.trainable_filter())
-    value_and_grad, _ = make_loss_and_grad()
+    value_and_grad, _ = (loss_and_grad, loss_only)
     for name in tiny_reference_dataset.names:
         tensors = tiny_reference_dataset.glacier(name)
         want = _expected()["glaciers"][name][model_name]
@@ -247,9 +247,9 @@ from core.execute import distributed
 distributed.setup(cpu_devices=2)
 import equinox as eqx, jax, numpy as np
 from core.models import load_model
-from core.train.loop import evaluate_glaciers, make_loss_and_grad
+from core.train.loop import evaluate_glaciers
 from dataloader import Dataset
-from glaunti.glacier import make_arrays
+from glaunti.layouts import make_arrays
 hits = []
 jax.monitoring.register_event_listener(
     lambda event, **kw: hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None)
@@ -257,7 +257,7 @@ dataset = Dataset(sys.argv[1], cache_dir=sys.argv[2])
 name = dataset.names[0]
 model = load_model("a", sys.argv[3])
 trainable, static = eqx.partition(model, model.trainable_filter())
-value_and_grad, _ = make_loss_and_grad()
+value_and_grad, _ = (loss_and_grad, loss_only)
 arrays = make_arrays(dataset.glacier(name))
 evaluation = evaluate_glaciers(value_and_grad, trainable, static, lambda: [(name, arrays), (name, arrays)],
                                True, verbose=False)

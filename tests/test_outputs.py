@@ -24,7 +24,7 @@ from core.models import build
 from dataloader import Dataset
 from dataloader.synthetic import generate
 from georeferencing import assert_georeferenced
-from glaunti.glacier import make_arrays
+from glaunti.layouts import make_arrays
 from glaunti.params import save_params
 
 GEOREFERENCED_FILES = ("temperature.nc", "precipitation.nc", "orography.nc", "dem.nc", "outlines.nc",

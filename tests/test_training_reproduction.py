@@ -27,11 +27,12 @@ from conftest import reference_path
 from core.apps.cli import train_main
 from core.execute.sets import with_study_years
 from core.models import initial_model, load_model
-from core.train.loop import make_loss_and_grad, make_optimiser
+from core.train.loop import loss_and_grad, loss_only, make_optimiser
 from core.train.loss import data_loss, data_terms
 from core.workflows import finetune
 from dataloader import Dataset
-from glaunti.glacier import initial_state, layout_for, make_arrays, season_fields, walk_years
+from glaunti.glacier import initial_state, season_fields, walk_years
+from glaunti.layouts import layout_for, make_arrays
 from glaunti.params import authors_tree, load_params
 
 # Float32 summation order may differ, nothing else. Terms that are squared differences of nearly
@@ -202,7 +203,7 @@ def test_finetune_validates_as_published(tiny_reference_copy, tmp_path):
 
     # By hand: full-batch Adam on the training years; each parameter set's validation loss
     # over all years (rerun) and continuing the previous set's training years (carried).
-    value_and_grad, value = make_loss_and_grad()
+    value_and_grad, value = (loss_and_grad, loss_only)
     trainable, static = eqx.partition(model, model.trainable_filter())
     optimiser = make_optimiser(lr)
     opt_state = optimiser.init(trainable)

@@ -34,7 +34,7 @@ from core.workflows import finetune
 from dataloader import DataError, Dataset, resolve_data_folder
 from dataloader.tensors import GlacierTensors
 from glaunti import TIModel
-from glaunti.glacier import GlacierArrays, make_arrays
+from glaunti.layouts import GlacierArrays, make_arrays
 
 FAST_ENV = "GLAUNTI_NOTEBOOK_FAST"
 GLACIER_ENV = "GLAUNTI_NOTEBOOK_GLACIER"

@@ -12,7 +12,7 @@ import math
 import numpy as np
 from scipy import stats
 
-from glaunti.glacier import SEASONS  # noqa: F401  (the order of the seasons, one home)
+from glaunti.glacier import SEASONS  # noqa: F401  the order of the seasons, one home
 
 SCALES = ("point", "glacier-wide")
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -237,29 +236,3 @@ def sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
-
-
-def map_glaciers(fn, names, devices=None):
-    """``[fn(name, device) for name in names]`` with the glaciers spread round-robin over the local
-    devices (one worker thread per device, so that devices run concurrently; JAX releases the
-    GIL while it computes). ``fn`` should place its arrays on ``device``
-    (``make_arrays(..., device=device)``); uncommitted values default to it as well.
-    Results are returned in the order of ``names``."""
-    devices = list(jax.local_devices() if devices is None else devices)
-    names = list(names)
-    if len(devices) <= 1 or len(names) <= 1:
-        return [fn(name, devices[0] if devices else None) for name in names]
-
-    def work(d):
-        out = []
-        with jax.default_device(devices[d]):
-            for i in range(d, len(names), len(devices)):
-                out.append((i, fn(names[i], devices[d])))
-        return out
-
-    results = [None] * len(names)
-    with ThreadPoolExecutor(len(devices)) as pool:
-        for part in pool.map(work, range(len(devices))):
-            for i, value in part:
-                results[i] = value
-    return results

@@ -27,7 +27,8 @@ from core.execute.compiles import announce_compile, claim_compile, progress_note
 from core.execute.sets import whole_classes
 from core.infer.calendar import Calendar
 from core.infer.netcdf import BatchFiles
-from glaunti.glacier import GlacierArrays, GlacierBatch, initial_state, walk_years, year_step
+from glaunti.glacier import initial_state, walk_years, year_step
+from glaunti.layouts import GlacierArrays, GlacierBatch
 
 
 def _spin_up(model, arrays):

@@ -56,14 +56,14 @@ from core.execute.compiles import announce_compile, claim_compile, compiled_sign
 from core.execute.sets import compile_owners
 from core.models import LEARNING_RATE, log_path, params_path, save_model
 from core.train.checkpoint import Checkpoint, CheckpointError, checkpoint_path
-from core.train.log import LOG_COLUMNS, Log, log_row
+from core.train.log import Log, log_row
 from core.train.loss import aux_to_python, batch_loss, glacier_loss
-from glaunti.glacier import GlacierBatch, run_glacier
+from glaunti.glacier import run_glacier
+from glaunti.layouts import GlacierBatch
 
-__all__ = ["CLIP_NORM", "LOG_COLUMNS", "VALIDATION_RULES", "Checkpoint", "Evaluation", "GlacierResult", "Log",
-           "TrainConfig", "TrainingError", "checkpoint_path", "epoch_gradient", "evaluate_glaciers",
-           "make_loss_and_grad", "make_optimiser", "overlaps_validation", "progress_note", "sum_gradients",
-           "train"]
+__all__ = ["CLIP_NORM", "VALIDATION_RULES", "Evaluation", "GlacierResult", "TrainConfig", "TrainingError",
+           "epoch_gradient", "evaluate_glaciers", "loss_and_grad", "loss_only", "make_optimiser",
+           "overlaps_validation", "sum_gradients", "train"]
 
 CLIP_NORM = 5.0
 
@@ -122,17 +122,12 @@ def _carried_loss(trainables, static, inputs):
 
 
 # Module-level compiled functions: their caches persist across epochs and across runs in one
-# process, so a glacier shape compiles once.
+# process, so a glacier shape compiles once. ``(trainable, static, arrays) -> ((loss, terms),
+# grad)`` and ``-> (loss, terms)``; for a GlacierBatch the value is the batch's summed loss and
+# ``terms`` is ``(losses (B,), terms {name: (B,)})``.
 loss_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(_loss, has_aux=True))
 loss_only = eqx.filter_jit(_loss)
 carried_loss = eqx.filter_jit(_carried_loss)
-
-
-def make_loss_and_grad():
-    """The compiled ``(trainable, static, arrays) -> ((loss, terms), grad)`` and
-    ``(trainable, static, arrays) -> (loss, terms)``; for a :class:`GlacierBatch` the value is
-    the batch's summed loss and ``terms`` is ``(losses (B,), terms {name: (B,)})``."""
-    return loss_and_grad, loss_only
 
 
 def last_training_years(train_set, val_set) -> dict[str, int]:
@@ -231,7 +226,7 @@ def evaluate_glaciers(fn, trainable, static, glacier_set, with_grad: bool,
     """Loss (and gradient) of every glacier of ``glacier_set`` in its fixed order.
 
     ``fn`` is the compiled ``(trainable, static, arrays) -> ((value, aux), grad)`` (``with_grad``)
-    or ``-> (value, aux)`` of :func:`make_loss_and_grad`. A set with ``batches()``
+    or ``-> (value, aux)`` (:data:`loss_and_grad`, :data:`loss_only`). A set with ``batches()``
     (``core.execute.sets.GlacierSet``) runs batch by batch (``aux`` = (losses, terms)); any other set
     glacier by glacier (``aux`` = terms). Work item ``j`` (batch or glacier) runs on the device
     ``placement`` gives index ``j``; every local device is driven by its own thread (XLA
@@ -438,7 +433,7 @@ def train(
     filter_spec = model.trainable_filter()
     trainable, static = eqx.partition(model, filter_spec)
     optimiser = make_optimiser(config.learning_rate)
-    value_and_grad, value = make_loss_and_grad()
+    value_and_grad, value = loss_and_grad, loss_only
     placement = distributed.Placement()
     main = distributed.is_main_process()
 

@@ -10,15 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from glaunti.glacier import (
-    INDEX_CODE,
-    SEASONS,
-    GlacierArrays,
-    GlacierBatch,
-    masked_mean,
-    run_glacier,
-    season_fields,
-)
+from glaunti.glacier import SEASONS, masked_mean, run_glacier, season_fields
+from glaunti.layouts import INDEX_CODE, GlacierArrays, GlacierBatch
 
 GLACIER_WIDE_WEIGHT = 0.1
 

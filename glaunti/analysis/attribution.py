@@ -24,7 +24,7 @@ from glaunti.analysis.common import (
     with_climate,
     year_span,
 )
-from glaunti.glacier import GlacierArrays
+from glaunti.layouts import GlacierArrays
 
 
 def _calendar_day(dates: np.ndarray) -> np.ndarray:

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glaunti.glacier import GlacierArrays, initial_state, masked_mean, run_glacier, walk_years
+from glaunti.glacier import initial_state, masked_mean, run_glacier, walk_years
+from glaunti.layouts import GlacierArrays
 
 
 @dataclasses.dataclass(frozen=True)

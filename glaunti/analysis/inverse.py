@@ -27,7 +27,7 @@ from glaunti.analysis.common import (
     year_index,
     years_period,
 )
-from glaunti.glacier import GlacierArrays
+from glaunti.layouts import GlacierArrays
 
 
 class OffsetResult(NamedTuple):

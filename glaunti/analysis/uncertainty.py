@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from glaunti.analysis.common import Period, daily_smb, period_window, perturb_climate, state_at
-from glaunti.glacier import GlacierArrays
+from glaunti.layouts import GlacierArrays
 
 # Weekly-block forcing errors of the reanalysis: additive temperature error (°C) and
 # multiplicative precipitation error, as the standard deviation of log(P_true / P).
