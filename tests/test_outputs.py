@@ -20,7 +20,7 @@ import infer_and_evaluate
 from conftest import daily_series
 from core.infer.netcdf import CHUNK_VALUES, MAP_VALUES, DailySMBFile, chunk_shape, write_netcdf
 from core.io import atomic_write, atomic_write_json, atomic_write_text
-from core.models import build
+from core.models import build, save_model
 from dataloader import Dataset
 from dataloader.synthetic import generate
 from georeferencing import assert_georeferenced
@@ -231,7 +231,7 @@ def test_atomic_outputs_follow_umask(tiny_twin, tmp_path, mask, expected):
         atomic_write_json(tmp_path / "eval.json", {"metrics": {}})
         atomic_write_text(tmp_path / "out" / "log.csv", "epoch\n")
         write_netcdf(tmp_path / "smb.nc", tensors, iter([(10, day)]), "a")
-        save_params(build("a"), tmp_path / "params" / "a.eqx")
+        save_model(build("a"), tmp_path / "params" / "a.eqx")
     for name in ("eval.json", "out/log.csv", "smb.nc", "params/a.eqx"):
         assert mode(tmp_path / name) == expected, name
     assert sorted(p.name for p in tmp_path.rglob(".*")) == []
@@ -286,5 +286,5 @@ def test_interrupted_writes_leave_nothing(tiny_twin, tmp_path, monkeypatch):
 
         monkeypatch.setattr(np, "save", failing_save)
         with pytest.raises(Boom):
-            save_params(build("a"), tmp_path / "a.eqx")
+            save_model(build("a"), tmp_path / "a.eqx")
     assert list(tmp_path.iterdir()) == []
