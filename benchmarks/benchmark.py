@@ -137,7 +137,7 @@ def worker(args) -> dict:
     from core.execute.sets import GlacierSet
     from core.infer.runner import iter_daily_smb
     from core.models import build, uses_facies
-    from core.train.loop import epoch_gradient, loss_and_grad, loss_only
+    from core.train.loop import epoch_gradient, loss_and_grad
     from dataloader import Dataset
     from glaunti.layouts import layout_for, make_arrays
 
@@ -151,7 +151,7 @@ def worker(args) -> dict:
                           passes=args.passes)
     validation = GlacierSet(dataset, dataset.val_names, uses_facies(name), layout=layout,
                             batch_bytes=args.batch_bytes, passes=args.passes + 1)
-    value_and_grad, _ = (loss_and_grad, loss_only)
+    value_and_grad = loss_and_grad
 
     # Work per epoch: the published grid cell-days and what the engine steps (every glacier of a
     # batch is stepped on the batch's grid).

@@ -10,7 +10,7 @@ import constants
 from core import models
 from core.evaluate.metrics import evaluate
 from core.execute import distributed
-from core.execute.sets import GlacierSet, with_study_years
+from core.execute.sets import GlacierList, GlacierSet, with_study_years
 from core.infer.netcdf import SMB_VARIABLE
 from core.infer.runner import write_daily_smb_batches
 from core.io import atomic_write_json, check_output_paths
@@ -46,8 +46,8 @@ def calibrate(model_name: str, data_folder=None, epochs=None, learning_rate=LEAR
     (defaults: the published split; ``core.apps.crossvalidation`` rotates them).
 
     Everything that can be checked cheaply is checked before the first compilation: the output
-    paths, the starting parameters and every training and validation glacier (read once into
-    the tensor cache), so that bad input fails in seconds, not after hours of training.
+    paths, the starting parameters and every training and validation glacier (read once, to plan
+    the batches), so that bad input fails in seconds, not after hours of training.
     """
     epochs = EPOCHS[model_name] if epochs is None else epochs
     params_path = Path(params_path or models.params_path(model_name))
@@ -64,7 +64,10 @@ def calibrate(model_name: str, data_folder=None, epochs=None, learning_rate=LEAR
                                     "params file)")
         load_params(base, start)
     split = dataset.split(test_fold, val_fold)
-    _check_glaciers(dataset, split.val, split.train, f"(test fold {test_fold}, validation fold {val_fold})")
+    for label, names in (("validation", split.val), ("training", split.train)):
+        if not names:
+            raise DataError(dataset.index_path, "column 'fold'", f"gives no {label} glacier (test fold "
+                            f"{test_fold}, validation fold {val_fold}), expected at least one")
     model = initial_model(model_name, seed=seed, start_path=init_params_path)
     facies = uses_facies(model_name)
     config = TrainConfig(
@@ -75,6 +78,10 @@ def calibrate(model_name: str, data_folder=None, epochs=None, learning_rate=LEAR
     layout = layout_for(model)
     train_set = GlacierSet(dataset, split.train, facies, layout=layout, passes=epochs)
     val_set = GlacierSet(dataset, split.val, facies, layout=layout, passes=epochs + 1)
+    # Planning the batches reads every glacier once (filling the tensor cache): a bad file fails
+    # now, with its message, before any compilation; the first epoch's batches reuse what it read.
+    val_set.batches()
+    train_set.batches()
     return train(model, train_set, val_set, config)
 
 
@@ -145,17 +152,6 @@ def resolve_params_path(model_name: str, params_path=None) -> Path:
     return trained if trained.is_file() else published_params_path(model_name)
 
 
-def _check_glaciers(dataset: Dataset, val_names, train_names, split: str) -> None:
-    """Read every glacier of both sets once (filling the tensor cache, so later epochs only
-    memory-map it): a bad file fails now, with its message, before any compilation."""
-    for label, names in (("validation", val_names), ("training", train_names)):
-        if not names:
-            raise DataError(dataset.index_path, "column 'fold'",
-                            f"gives no {label} glacier {split}, expected at least one")
-    for tensors in dataset.iter_glaciers([*val_names, *train_names]):
-        del tensors
-
-
 class _Lazy:
     """Slices of a NetCDF variable as float32 numpy arrays (evaluation reads windows only)."""
 
@@ -198,4 +194,4 @@ def finetune(glacier: str, data_folder=None, init_params_path=None,
         epochs=epochs, learning_rate=learning_rate, params_path=final_params_path, log_path=log_path,
         resume=resume, show_progress=show_progress, validation=validation,
     )
-    return train(model, lambda: [(glacier, train_arrays)], lambda: [(glacier, val_arrays)], config)
+    return train(model, GlacierList([(glacier, train_arrays)]), GlacierList([(glacier, val_arrays)]), config)

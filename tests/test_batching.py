@@ -15,7 +15,7 @@ import pytest
 from conftest import PUBLISHED, reference_path
 from core.execute.sets import GlacierSet, GlacierShape, assign_devices, plan_batches
 from core.models import load_model
-from core.train.loop import evaluate_glaciers, loss_and_grad, loss_only, sum_gradients
+from core.train.loop import evaluate_glaciers, loss_and_grad, sum_gradients
 from core.train.loss import batch_loss, glacier_loss
 from dataloader import Dataset
 from glaunti.layouts import (
@@ -169,7 +169,7 @@ def test_batched_equals_per_glacier(model_name, layout, tiny_reference_dataset, 
     dataset = tiny_reference_dataset
     model = load_model(model_name, PUBLISHED / f"{model_name}.eqx")
     trainable, static = eqx.partition(model, model.trainable_filter())
-    value_and_grad, _ = (loss_and_grad, loss_only)
+    value_and_grad = loss_and_grad
     glaciers = GlacierSet(dataset, dataset.names, False, layout=layout, target="gpu")  # vmapped
     (batch,) = glaciers.batches()
     assert sorted(batch.indices) == [0, 1, 2]

@@ -56,7 +56,7 @@ def assert_close_tree(actual, wanted, path=""):
 def test_loss_terms_and_gradient(model_name, glaciers):
     model = published(model_name)
     trainable, static = eqx.partition(model, model.trainable_filter())
-    value_and_grad, value = (loss_and_grad, loss_only)
+    value_and_grad, value = loss_and_grad, loss_only
     for name, tensors in glaciers.items():
         want = expected("loss.json")["glaciers"][name][model_name]
         arrays = make_arrays(tensors, facies=uses_facies(model_name))

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import PUBLISHED, reference_path
 from core.models import load_model, uses_facies
-from core.train.loop import loss_and_grad, loss_only
+from core.train.loop import loss_and_grad
 from glaunti.layouts import cell_bucket, make_arrays
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ def _expected():
 def test_training_layouts_match_golden(model_name, layout, tiny_reference_dataset):
     model = load_model(model_name, PUBLISHED / f"{model_name}.eqx")
     trainable, static = eqx.partition(model, model.trainable_filter())
-    value_and_grad, _ = (loss_and_grad, loss_only)
+    value_and_grad = loss_and_grad
     for name in tiny_reference_dataset.names:
         tensors = tiny_reference_dataset.glacier(name)
         want = _expected()["glaciers"][name][model_name]
@@ -247,7 +247,8 @@ from core.execute import distributed
 distributed.setup(cpu_devices=2)
 import equinox as eqx, jax, numpy as np
 from core.models import load_model
-from core.train.loop import evaluate_glaciers
+from core.execute.sets import GlacierList
+from core.train.loop import evaluate_glaciers, loss_and_grad
 from dataloader import Dataset
 from glaunti.layouts import make_arrays
 hits = []
@@ -257,9 +258,8 @@ dataset = Dataset(sys.argv[1], cache_dir=sys.argv[2])
 name = dataset.names[0]
 model = load_model("a", sys.argv[3])
 trainable, static = eqx.partition(model, model.trainable_filter())
-value_and_grad, _ = (loss_and_grad, loss_only)
 arrays = make_arrays(dataset.glacier(name))
-evaluation = evaluate_glaciers(value_and_grad, trainable, static, lambda: [(name, arrays), (name, arrays)],
+evaluation = evaluate_glaciers(loss_and_grad, trainable, static, GlacierList([(name, arrays), (name, arrays)]),
                                True, verbose=False)
 print("RESULT", json.dumps({"shared": distributed.executables_shared(), "hits": len(hits),
                             "losses": [r.loss for r in evaluation.results],

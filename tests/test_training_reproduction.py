@@ -203,7 +203,7 @@ def test_finetune_validates_as_published(tiny_reference_copy, tmp_path):
 
     # By hand: full-batch Adam on the training years; each parameter set's validation loss
     # over all years (rerun) and continuing the previous set's training years (carried).
-    value_and_grad, value = (loss_and_grad, loss_only)
+    value_and_grad, value = loss_and_grad, loss_only
     trainable, static = eqx.partition(model, model.trainable_filter())
     optimiser = make_optimiser(lr)
     opt_state = optimiser.init(trainable)

@@ -4,7 +4,7 @@ one at a time or in batches of glaciers that share one shape bucket."""
 from __future__ import annotations
 
 import os
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import Iterable, Iterator, NamedTuple, Protocol, Sequence
 
 import equinox as eqx
 import jax
@@ -17,7 +17,6 @@ from glaunti.layouts import (
     GlacierBatch,
     grid_bucket,
     layout_host_arrays,
-    make_arrays,
     stack_host_arrays,
     to_device,
 )
@@ -72,14 +71,17 @@ def batch_budget(device=None) -> int:
     return int(GPU_BATCH_FRACTION * limit) if limit else BATCH_BYTES
 
 
+def _host_bytes(h: dict) -> int:
+    return sum(np.asarray(v).nbytes for k, v in h.items() if k not in STATIC_KEYS)
+
+
 def footprint(h: dict) -> int:
     """Estimated training bytes of one glacier given as a layout's host arrays: the arrays, and
     per cell the saved states and sums of every year, one year of per-day carries and the
     corrector's activations of one year (see the constants above)."""
     cells = h["climate_cell"].size
     years, days = h["day_index"].shape
-    arrays = sum(np.asarray(v).nbytes for k, v in h.items() if k not in STATIC_KEYS)
-    return arrays + 4 * cells * (years * YEAR_FLOATS + days * DAY_FLOATS + CORRECTOR_FLOATS)
+    return _host_bytes(h) + 4 * cells * (years * YEAR_FLOATS + days * DAY_FLOATS + CORRECTOR_FLOATS)
 
 
 # On a CPU, whether glaciers of different grids share a batch (one compile, padded arithmetic)
@@ -355,15 +357,67 @@ def on_gpu(device=None) -> bool:
     return device.platform != "cpu"
 
 
+class WorkItem(NamedTuple):
+    """One unit of work of a set of glaciers: the glaciers it runs (positions in the set's
+    ``names``), a signature equal for items that run in the same compiled function, and a
+    description for the line that says what compiles."""
+
+    indices: tuple[int, ...]
+    signature: tuple
+    describe: str
+
+
+class Glaciers(Protocol):
+    """What training, validation and inference ask of a set of glaciers (:class:`GlacierSet`,
+    batched from the dataset; :class:`GlacierList`, arrays given one by one)."""
+
+    names: list[str]
+
+    def items(self) -> list[WorkItem]:
+        """The work items, in their fixed order (gradients are summed in it)."""
+
+    def device_indices(self, n_devices: int) -> list[int] | None:
+        """The local device (index) of each item, or None: round robin."""
+
+    def load(self, placed: Sequence[tuple[int, object]]) -> Iterator[tuple[int, object]]:
+        """``(item, arrays on its device)`` for the given ``(item, device)`` pairs."""
+
+
+class GlacierList:
+    """Glaciers whose arrays are already made (fine-tuning's one glacier with its study years,
+    the "carried" validation's inputs), one work item each."""
+
+    def __init__(self, pairs: Sequence[tuple[str, object]]):
+        self.pairs = list(pairs)
+        self.names = [name for name, _ in self.pairs]
+
+    def __iter__(self) -> Iterator[tuple[str, object]]:
+        return iter(self.pairs)
+
+    def items(self) -> list[WorkItem]:
+        return [WorkItem((i,), tuple(np.shape(x) for x in jax.tree_util.tree_leaves(arrays)), "1 glacier")
+                for i, (_, arrays) in enumerate(self.pairs)]
+
+    def device_indices(self, n_devices: int) -> None:
+        return None
+
+    def load(self, placed: Sequence[tuple[int, object]]) -> Iterator[tuple[int, object]]:
+        for i, device in placed:
+            arrays = self.pairs[i][1]
+            yield i, (arrays if device is None else jax.device_put(arrays, device))
+
+
 class GlacierSet:
-    """A re-iterable set of glaciers: ``for name, arrays in glacier_set()``.
+    """The glaciers ``names`` of a dataset in batches of one shape (:meth:`batches`), read from
+    the tensor cache when a batch is loaded.
 
     ``layout`` is the ``glaunti.layouts`` layout of the arrays ("exact", or the training layouts
-    "padded"/"cells" that share compiled functions between glaciers). Glaciers stay resident
-    (on their device) while their arrays add up to less than :data:`DEFAULT_RESIDENT_BYTES`; the
-    others are re-read from the memory-mapped cache when needed, so host memory does not grow with the
-    number of glaciers. The trainer asks for this process's glaciers only, each on its device,
-    through :meth:`iter_placed`.
+    "padded", "padded_grid" and "cells" that share compiled functions between glaciers). Batches
+    stay resident (on their device) while their arrays add up to less than
+    :data:`DEFAULT_RESIDENT_BYTES`; the others are re-read from the memory-mapped cache when
+    needed, so host memory does not grow with the number of glaciers. Each glacier is read once
+    to plan the batches, and its layout's host arrays are kept for its first batch within the
+    same budget. The trainer asks for this process's batches only, each on its device.
     """
 
     def __init__(self, dataset: Dataset, names: Sequence[str], facies: bool, layout: str = "exact",
@@ -375,12 +429,12 @@ class GlacierSet:
         self.budget = DEFAULT_RESIDENT_BYTES
         self.batch_bytes = batch_bytes
         self.passes = passes  # how often the set will be run (epochs): batching weighs compiles
-        self._resident: dict[str, GlacierArrays] = {}
         self._resident_batches: dict[int, GlacierBatch] = {}
         self._used = 0
         self._plan: list[Batch] | None = None
         self._devices: dict[int, list[int]] = {}
         self._shapes: list[GlacierShape] | None = None
+        self._planned: dict[int, dict] = {}  # host arrays read while planning, until batched
 
     def _host(self, tensors) -> dict:
         return layout_host_arrays(tensors, self.facies, self.layout)
@@ -388,8 +442,14 @@ class GlacierSet:
     def plan(self, gpu: bool) -> list[Batch]:
         """The batches this set gets on a GPU or a CPU (:func:`plan_batches`)."""
         if self._shapes is None:
-            self._shapes = [GlacierShape.of(i, self._host(tensors), self.layout)
-                            for i, tensors in enumerate(self.dataset.iter_glaciers(self.names))]
+            self._shapes = []
+            for i, tensors in enumerate(self.dataset.iter_glaciers(self.names)):
+                host = self._host(tensors)
+                self._shapes.append(GlacierShape.of(i, host, self.layout))
+                size = _host_bytes(host)
+                if self._used + size <= self.budget:  # its first batch need not read it again
+                    self._planned[i] = host
+                    self._used += size
         budget = batch_budget() if self.batch_bytes is None else self.batch_bytes
         return plan_batches(self._shapes, budget, self.passes, None if gpu else COMPILE_CELL_DAYS)
 
@@ -415,7 +475,10 @@ class GlacierSet:
             batch = plan[b]
             arrays = self._resident_batches.get(b)
             if arrays is None:
-                hosts = [self._host(t) for t in self.dataset.iter_glaciers([self.names[i] for i in batch.indices])]
+                unread = [i for i in batch.indices if i not in self._planned]
+                read = dict(zip(unread, map(self._host, self.dataset.iter_glaciers([self.names[i] for i in unread]))))
+                hosts = [self._planned.pop(i, None) or read[i] for i in batch.indices]
+                self._used -= sum(_host_bytes(hosts[n]) for n, i in enumerate(batch.indices) if i not in read)
                 stacked = stack_host_arrays(hosts, batch.grid, batch.stakes, batch.loss_cells)
                 # Only a model that pads grids (C/D) reads the flag, a static field: set on a
                 # whole shape class, so that a glacier filling the class's grid runs the padded
@@ -433,32 +496,14 @@ class GlacierSet:
                 arrays = jax.device_put(arrays, device)
             yield b, batch, arrays
 
-    def _make(self, name, tensors, device=None) -> GlacierArrays:
-        arrays = make_arrays(tensors, facies=self.facies, layout=self.layout, device=device)
-        size = nbytes(arrays)
-        if self._used + size <= self.budget:
-            self._resident[name] = arrays
-            self._used += size
-        return arrays
+    def items(self) -> list[WorkItem]:
+        """The work items: one per batch (:meth:`batches`)."""
+        return [WorkItem(b.indices, b.signature, b.describe()) for b in self.batches()]
 
-    def __call__(self) -> Iterable[tuple[str, GlacierArrays]]:
-        for _, name, arrays in self.iter_placed([(i, None) for i in range(len(self.names))]):
-            yield name, arrays
-
-    def iter_placed(self, placed: Sequence[tuple[int, object]]) -> Iterator[tuple[int, str, GlacierArrays]]:
-        """``(i, name, arrays)`` for the given ``(index, device)`` pairs, arrays on ``device``
-        (None: JAX's default device)."""
-        placed = list(placed)
-        missing = [self.names[i] for i, _ in placed if self.names[i] not in self._resident]
-        fresh = iter(self.dataset.iter_glaciers(missing)) if missing else iter(())
-        for i, device in placed:
-            name = self.names[i]
-            arrays = self._resident.get(name)
-            if arrays is None:
-                arrays = self._make(name, next(fresh), device)
-            elif device is not None:
-                arrays = jax.device_put(arrays, device)  # no-op when already there
-            yield i, name, arrays
+    def load(self, placed: Sequence[tuple[int, object]]) -> Iterator[tuple[int, GlacierBatch]]:
+        """``(j, arrays)`` of the given ``(item, device)`` pairs (:meth:`iter_batches`)."""
+        for b, _, arrays in self.iter_batches(placed):
+            yield b, arrays
 
     def __len__(self) -> int:
         return len(self.names)

@@ -42,7 +42,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from core.execute import distributed
 from core.execute.compiles import announce_compile, claim_compile, compiled_signatures, progress_note
-from core.execute.sets import compile_owners
+from core.execute.sets import GlacierList, Glaciers, compile_owners
 from core.models import LEARNING_RATE, log_path, params_path, save_model
 from core.train.checkpoint import Checkpoint, CheckpointError, checkpoint_path
 from core.train.log import Log, log_row
@@ -136,11 +136,11 @@ def last_training_years(train_set, val_set) -> dict[str, int]:
     Raises TrainingError when a validation glacier is not a training glacier or has validation
     years that do not come after its training years (nothing could be carried into them)."""
     last = {}
-    for name, arrays in train_set():
+    for name, arrays in train_set:
         study = np.flatnonzero(np.asarray(arrays.study))
         if study.size:
             last[name] = int(study[-1])
-    for name, arrays in val_set():
+    for name, arrays in val_set:
         if name not in last:
             raise TrainingError(f"validation glacier '{name}' has no training years: the "
                                 "'carried' rule continues a glacier's own training pass")
@@ -158,13 +158,6 @@ def overlaps_validation(placement: distributed.Placement) -> bool:
     gain, nor across processes, whose gathers must come in the same order everywhere."""
     return (placement.n_processes == 1 and len(placement.devices) > 1
             and all(d.platform == "cpu" for d in placement.devices))
-
-
-def _n_work_items(glacier_set) -> int:
-    """The number of work items (batches, or glaciers) the set runs in."""
-    if hasattr(glacier_set, "batches"):
-        return len(glacier_set.batches())
-    return len(getattr(glacier_set, "names", ())) or 1
 
 
 def _check_finite(value, what: str, glacier: str, epoch: int) -> None:
@@ -195,49 +188,27 @@ class Evaluation(NamedTuple):
     treedef: object
 
 
-def _work_items(glacier_set):
-    """(names, glaciers of each work item, loader ``placed -> (item, signature, describe,
-    arrays)``): a set with ``batches()`` runs in batches, anything else glacier by glacier."""
-    if hasattr(glacier_set, "batches"):
-        plan = glacier_set.batches()
-
-        def load(placed):
-            for b, batch, arrays in glacier_set.iter_batches(placed):
-                yield b, batch.signature, batch.describe(), arrays
-
-        return list(glacier_set.names), [b.indices for b in plan], load
-    names = getattr(glacier_set, "names", None)
-    if names is None or not hasattr(glacier_set, "iter_placed"):
-        items = list(glacier_set())  # a plain callable (e.g. fine-tuning's single glacier)
-        names = [name for name, _ in items]
-        glacier_set = _Listed(items)
-
-    def load_one(placed):
-        for i, _, arrays in glacier_set.iter_placed(placed):
-            shapes = tuple(np.shape(x) for x in jax.tree_util.tree_leaves(arrays))
-            yield i, shapes, "1 glacier", arrays
-
-    return list(names), [(i,) for i in range(len(names))], load_one
-
-
 def evaluate_glaciers(fn, trainable, static, glacier_set, with_grad: bool,
                       placement: distributed.Placement | None = None, window: int = 2,
                       verbose: bool = True) -> Evaluation:
     """Loss (and gradient) of every glacier of ``glacier_set`` in its fixed order.
 
     ``fn`` is the compiled ``(trainable, static, arrays) -> ((value, aux), grad)`` (``with_grad``)
-    or ``-> (value, aux)`` (:data:`loss_and_grad`, :data:`loss_only`). A set with ``batches()``
-    (``core.execute.sets.GlacierSet``) runs batch by batch (``aux`` = (losses, terms)); any other set
-    glacier by glacier (``aux`` = terms). Work item ``j`` (batch or glacier) runs on the device
-    ``placement`` gives index ``j``; every local device is driven by its own thread (XLA
+    or ``-> (value, aux)`` (:data:`loss_and_grad`, :data:`loss_only`). ``glacier_set`` is a
+    ``core.execute.sets.Glaciers``: a ``GlacierSet`` runs batch by batch (``aux`` = (losses,
+    terms)), a ``GlacierList`` glacier by glacier (``aux`` = terms). Work item ``j`` (batch or
+    glacier) runs on the device ``placement`` gives index ``j``; every local device is driven by its own thread (XLA
     releases the GIL while it computes, so devices — CPU devices included — run concurrently),
     with at most ``window`` items in flight per device. Results of other processes are
     gathered. The first call of a new compiled shape is announced (``verbose``, process 0).
     """
     placement = placement or distributed.Placement()
-    if hasattr(glacier_set, "device_indices") and placement.assignment is None:
-        placement = placement.assigned(glacier_set.device_indices(len(placement.devices)))
-    names, items, load = _work_items(glacier_set)
+    if placement.assignment is None:
+        assignment = glacier_set.device_indices(len(placement.devices))
+        if assignment is not None:
+            placement = placement.assigned(assignment)
+    names, work = list(glacier_set.names), glacier_set.items()
+    items = [w.indices for w in work]
     local: dict[int, tuple] = {}
     treedefs = []
     largest = max((len(ix) for ix in items), default=1)
@@ -290,7 +261,8 @@ def evaluate_glaciers(fn, trainable, static, glacier_set, with_grad: bool,
         # Shapes that another device is to compile go last from the start.
         indices = sorted(indices, key=lambda j: compiler.get(j, device) != device)
         deferred = []
-        for j, signature, describe, arrays in load([(j, device) for j in indices]):
+        for j, arrays in glacier_set.load([(j, device) for j in indices]):
+            signature, describe = work[j].signature, work[j].describe
             first, ready = claim_compile((id(fn), type(static), signature))
             if share and not first and not ready.is_set():
                 deferred.append((j, ready, describe, arrays))
@@ -307,12 +279,12 @@ def evaluate_glaciers(fn, trainable, static, glacier_set, with_grad: bool,
     by_device: dict = {}
     for j in placement.local_indices(len(items)):
         by_device.setdefault(placement.device(j), []).append(j)
-    counter["total"] = _new_signatures(glacier_set, fn, static, by_device)
+    counter["total"] = _new_signatures(work, fn, static, by_device)
     # CPU devices only: a deferred item holds its arrays until the end, which an accelerator's
     # memory budget does not allow for.
     share = (len(by_device) > 1 and distributed.executables_shared()
              and all(getattr(d, "platform", "cpu") == "cpu" for d in by_device))
-    compiler = _compiling_devices(glacier_set, fn, static, by_device) if share else {}
+    compiler = _compiling_devices(work, fn, static, by_device) if share else {}
     if not by_device and items:
         # This process owns no work item (more processes than items): it computes item 0
         # once, only to learn the layout of the gathered rows, and contributes nothing.
@@ -351,35 +323,15 @@ def evaluate_glaciers(fn, trainable, static, glacier_set, with_grad: bool,
     return Evaluation(results, grads, treedef)
 
 
-def _new_signatures(glacier_set, fn, static, by_device) -> int:
-    """How many of this process's work items will compile anew (0 when unknown beforehand)."""
-    if not hasattr(glacier_set, "batches"):
-        return 0
-    plan = glacier_set.batches()
+def _new_signatures(work, fn, static, by_device) -> int:
+    """How many of this process's work items will compile anew."""
     mine = [j for indices in by_device.values() for j in indices]
-    return len({plan[j].signature for j in mine} - compiled_signatures(fn, static))
+    return len({work[j].signature for j in mine} - compiled_signatures(fn, static))
 
 
-def _compiling_devices(glacier_set, fn, static, by_device) -> dict:
-    """Work item → the device that compiles its new shape (:func:`core.execute.sets.compile_owners`),
-    when the shapes are known beforehand."""
-    if not hasattr(glacier_set, "batches"):
-        return {}
-    signatures = [b.signature for b in glacier_set.batches()]
-    return compile_owners(signatures, by_device, compiled_signatures(fn, static))
-
-
-class _Listed:
-    """Adapter: a list of (name, arrays) as a set with ``names`` and ``iter_placed``."""
-
-    def __init__(self, items):
-        self.items = items
-        self.names = [name for name, _ in items]
-
-    def iter_placed(self, placed):
-        for i, device in placed:
-            name, arrays = self.items[i]
-            yield i, name, (arrays if device is None else jax.device_put(arrays, device))
+def _compiling_devices(work, fn, static, by_device) -> dict:
+    """Work item → the device that compiles its new shape (:func:`core.execute.sets.compile_owners`)."""
+    return compile_owners([w.signature for w in work], by_device, compiled_signatures(fn, static))
 
 
 def sum_gradients(grads, treedef, trainable):
@@ -412,19 +364,15 @@ def epoch_gradient(value_and_grad, trainable, static, train_set, placement=None,
     return sum_gradients(grads, treedef, trainable), results
 
 
-def train(
-    model,
-    train_set: Callable[[], Iterable[tuple[str, object]]],
-    val_set: Callable[[], Iterable[tuple[str, object]]],
-    config: TrainConfig,
-):
+def train(model, train_set: Glaciers, val_set: Glaciers, config: TrainConfig):
     """Calibrate ``model`` and return the best one with the final training state.
 
     Args:
         model: the initial model (A, B, C or D).
-        train_set, val_set: called once per epoch, each yields ``(glacier name, GlacierArrays)``
-            one glacier at a time. A ``core.execute.sets.GlacierSet`` is also asked to load only this
-            process's glaciers, directly onto their devices.
+        train_set, val_set: the training and validation glaciers (``core.execute.sets.Glaciers``:
+            a ``GlacierSet`` of a dataset's glaciers, or a ``GlacierList`` of arrays; "carried"
+            validation iterates both as ``(name, arrays)``, so it takes ``GlacierList`` s). Each
+            process loads only its own work items, directly onto their devices.
     """
     if config.validation not in VALIDATION_RULES:
         raise ValueError(f"unknown validation rule {config.validation!r}; expected one of "
@@ -452,7 +400,7 @@ def train(
         """Mean validation data loss of ``trainable`` ("carried": continuing ``before``'s pass);
         its log rows take the time since ``t0`` (None: the epoch's time, set when it closes)."""
         if carried:
-            pairs = _Listed([(name, (np.int32(handover[name]), arrays)) for name, arrays in val_set()])
+            pairs = GlacierList([(name, (np.int32(handover[name]), arrays)) for name, arrays in val_set])
             results = evaluate_glaciers(carried_loss, (before, trainable), static, pairs, False,
                                         where, verbose=config.show_progress).results
         else:
@@ -476,7 +424,7 @@ def train(
     overlap = config.overlap_validation
     if overlap is None:
         overlap = overlaps_validation(placement)
-    val_placement = placement.shifted(_n_work_items(train_set)) if overlap else placement
+    val_placement = placement.shifted(len(train_set.items())) if overlap else placement
     if not resumed and not carried:
         t0 = time.perf_counter()
         state.best_val = validate(state.trainable, 0, t0, where=val_placement)
