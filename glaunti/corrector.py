@@ -43,7 +43,11 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 import constants
 
-N_FIELDS = 15  # 3 computed TI channels + outlines, elevation, elevation std + 9 facies
+# Input fields: the TI channels the model computes (docs/model.md §4), then the given ones:
+# outlines, elevation, elevation std and the facies bands.
+N_COMPUTED_CHANNELS = 3
+N_GIVEN_FIELDS = 3 + len(constants.facies_bands)
+N_FIELDS = N_COMPUTED_CHANNELS + N_GIVEN_FIELDS
 N_CLIMATE = 2  # monthly T, P
 N_OUT = 5  # d1..d5
 WIDTH_2D = 32

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 import constants
-from glaunti.layouts import GlacierArrays
+from glaunti.layouts import GRID_FIELDS, GlacierArrays
 
 # The published numbers are float32 matmuls (the GRU cell, the corrector's convolutions).
 MATMUL_PRECISION = "float32"
@@ -261,9 +261,6 @@ def run_glacier(model, arrays: GlacierArrays, state=None, *, custom_vjp: bool = 
     return GlacierRun(season_smb, corrections, state)
 
 
-_CELL_FIELDS = ("climate_cell", "lapse_offset", "outlines", "fields")
-
-
 def _chunked_run(model, arrays: GlacierArrays, state, max_cells: int, custom_vjp: bool,
                  active_years=None) -> GlacierRun:
     """:func:`run_glacier` of a (1, N) "cells" glacier, ``max_cells`` cells at a time."""
@@ -284,15 +281,15 @@ def _chunked_run(model, arrays: GlacierArrays, state, max_cells: int, custom_vjp
         a = a.reshape(a.shape[:axis] + (total,) + a.shape[axis + 2:])
         return jax.lax.slice_in_dim(a, 0, n, axis=axis)
 
-    cells = {name: split(getattr(arrays, name), getattr(arrays, name).ndim - 1) for name in _CELL_FIELDS}
+    cells = {name: split(getattr(arrays, name), getattr(arrays, name).ndim - 1) for name in GRID_FIELDS}
     axis = model.state_cell_axis
     states = None if state is None else split(state, axis)
 
     @jax.checkpoint
     def one(x):
         part_cells, part_state = x
-        part = eqx.tree_at(lambda a: [getattr(a, f) for f in _CELL_FIELDS], arrays,
-                           [part_cells[f] for f in _CELL_FIELDS])
+        part = eqx.tree_at(lambda a: [getattr(a, f) for f in GRID_FIELDS], arrays,
+                           [part_cells[f] for f in GRID_FIELDS])
         run = run_glacier(model, part, part_state, custom_vjp=custom_vjp, max_chunk_cells=None,
                           active_years=active_years)
         return run.season_smb, run.state

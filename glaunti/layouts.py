@@ -169,7 +169,7 @@ CELL_BUCKETS_PER_OCTAVE = 4
 # times by 2, and on a GPU a smaller grid costs launch latency, not arithmetic), above that 4
 # sizes per octave in steps of at least 8 (≤ 25 % padding per side, ≤ 56 % per grid).
 # docs/performance.md lists the waste.
-MIN_GRID_SIDE = 32
+MIN_BUCKET_SIDE = 32
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -192,8 +192,8 @@ def cell_bucket(n: int, per_octave: int = CELL_BUCKETS_PER_OCTAVE) -> int:
 
 def side_bucket(n: int) -> int:
     """A grid side rounded up to a bucket: 32, 40, 48, 56, 64, 80, 96, ..., 512, 640, ..."""
-    if n <= MIN_GRID_SIDE:
-        return MIN_GRID_SIDE
+    if n <= MIN_BUCKET_SIDE:
+        return MIN_BUCKET_SIDE
     step = max(8, (1 << int(np.floor(np.log2(n)))) // CELL_BUCKETS_PER_OCTAVE)
     return _round_up(n, step)
 
@@ -254,7 +254,9 @@ def pad_host_arrays(h: dict) -> dict:
 
 # Keys of a host dict that are static fields of GlacierArrays, not arrays.
 STATIC_KEYS = ("n_spinup", "grid_padded")
-_GRID_FIELDS = ("climate_cell", "lapse_offset", "outlines", "fields")  # (..., H, W), padded with 0
+# The fields of GlacierArrays that hold the grid (..., H, W): padding fills them with 0, the
+# "cells" layout and the engine's chunks of cells cut them.
+GRID_FIELDS = ("climate_cell", "lapse_offset", "outlines", "fields")
 
 
 def pad_host_grid(h: dict, height: int, width: int) -> dict:
@@ -268,7 +270,7 @@ def pad_host_grid(h: dict, height: int, width: int) -> dict:
     if height < old_h or width < old_w:
         raise ValueError(f"cannot pad a {old_h}×{old_w} grid to {height}×{width}")
     h = dict(h)
-    for name in _GRID_FIELDS:
+    for name in GRID_FIELDS:
         h[name] = _pad_axis(_pad_axis(h[name], -2, height), -1, width)
     cells = h["loss_cells"]
     real = cells < old_h * old_w
@@ -334,7 +336,7 @@ def pack_host_cells(h: dict, keep: np.ndarray | None = None) -> dict:
         cells = a.reshape(a.shape[:-2] + (height * width,))[..., flat]
         return _pad_axis(cells, -1, n)[..., None, :]
 
-    for name in ("climate_cell", "lapse_offset", "outlines", "fields"):
+    for name in GRID_FIELDS:
         h[name] = pack(h[name])
     h["grid_size"] = np.array([1, n], np.int32)
     h["loss_cells"] = _pad(np.arange(len(flat), dtype=np.int32), n, n)

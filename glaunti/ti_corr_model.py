@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from glaunti.corrector import Corrector, check_grid
+from glaunti.corrector import N_GIVEN_FIELDS, Corrector, check_grid
 from glaunti.glacier import (
     fields_forcing,
     grid_row,
@@ -40,7 +40,6 @@ from glaunti.ti_model import (
 SMB_SCALE = 10.0
 DELTA_T = 0.5  # °C added to the temperature (the whole input, not only inside T⁺)
 PRECIP_FACTOR = 1.05
-N_GIVEN_FIELDS = 12  # outlines, elevation, elevation std, 9 facies bands
 # Name of the computed channels among a year's residuals: the engine's year rematerialisation
 # (``GlaUnTI.year_remat_policy``) keeps them, so that a backward pass does not rerun their three
 # whole-grid TI runs.
