@@ -60,26 +60,25 @@ def main_wrapper(main):
     return wrapped
 
 
+def _argument(text: str, convert, valid, expected: str):
+    """``convert(text)`` if it converts and is ``valid``, else argparse's one-line error."""
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {expected}") from None
+    if not valid(value):
+        raise argparse.ArgumentTypeError(f"{text} is not {expected}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     """argparse type: an integer ≥ 0 (a number of epochs)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative, expected ≥ 0")
-    return value
+    return _argument(text, int, lambda v: v >= 0, "an integer ≥ 0")
 
 
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0 (a learning rate)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (value > 0 and value < float("inf")):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite positive number")
-    return value
+    return _argument(text, float, lambda v: 0 < v < float("inf"), "a finite positive number")
 
 
 def train_parser(model: str) -> argparse.ArgumentParser:
