@@ -20,8 +20,9 @@ Nothing here knows a particular model. A model (``glaunti.ti_model.TIModel``,
 and, for calibration and parameter files, ``trainable_filter()``, ``regularisers(run, arrays)``,
 ``authors_tree()`` / ``from_authors_tree(tree)`` (:mod:`glaunti.params`).
 
-Every entry point traces under float32 matmul precision (:data:`MATMUL_PRECISION`), whoever
-calls it: GPUs would otherwise use TF32 and leave the published numbers.
+Every entry point traces under float32 matmul precision (:data:`MATMUL_PRECISION`,
+:func:`at_published_precision`), whoever calls it: GPUs would otherwise use TF32 and leave the
+published numbers.
 """
 
 from __future__ import annotations
@@ -51,6 +52,19 @@ _DEFAULT = object()  # "MAX_CHUNK_CELLS as it is when the run is traced"
 def published_precision():
     """Context in which model code is traced: float32 matmuls (read by JAX at trace time)."""
     return jax.default_matmul_precision(MATMUL_PRECISION)
+
+
+def at_published_precision(fn):
+    """Decorator of every entry point that traces model code (the engine's :func:`year_step`,
+    the models' field-based ``run``/``corrections``): its body traces under
+    :func:`published_precision`, whoever calls it."""
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with published_precision():
+            return fn(*args, **kwargs)
+
+    return traced
 
 
 class GlacierRun(NamedTuple):
@@ -105,8 +119,7 @@ def scan_days(step, state, days, forcing: Callable, smb_shape, series: bool = Fa
         return (state, acc), (smb if series else None)
 
     acc0 = jnp.zeros((2,) + tuple(smb_shape), jnp.float32)
-    with published_precision():
-        (state, acc), out = jax.lax.scan(jax.checkpoint(body), (state, acc0), days)
+    (state, acc), out = jax.lax.scan(jax.checkpoint(body), (state, acc0), days)
     return state, acc, out
 
 
@@ -173,6 +186,7 @@ def initial_state(model, arrays: GlacierArrays):
     return model.initial_state(arrays.shape)
 
 
+@at_published_precision
 def year_step(model, arrays: GlacierArrays, k, state, series: bool = False, spinup: bool = False,
               custom_vjp: bool = False):
     """Balance year k (traced index) from ``state``.
@@ -185,8 +199,7 @@ def year_step(model, arrays: GlacierArrays, k, state, series: bool = False, spin
     Returns (state, (2, H, W) per-period SMB sums, (5, H, W) corrections or None,
     (L, H, W) daily series or None).
     """
-    with published_precision():
-        return model.year_step(arrays, k, state, series=series, spinup=spinup, custom_vjp=custom_vjp)
+    return model.year_step(arrays, k, state, series=series, spinup=spinup, custom_vjp=custom_vjp)
 
 
 def walk_years(model, arrays: GlacierArrays, state, first: int = 0, last: int | None = None, *,

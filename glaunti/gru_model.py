@@ -18,7 +18,7 @@ import jax.random as jr
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 import constants
-from glaunti.glacier import fields_forcing, period_days, scan_block, scan_days
+from glaunti.glacier import at_published_precision, fields_forcing, period_days, scan_block, scan_days
 from glaunti.ti_model import default_weights
 
 HIDDEN_SIZE = 16
@@ -75,6 +75,7 @@ class GRUModel(eqx.Module):
         self.out = eqx.nn.Linear(hidden_size, 1, key=k_out)
         self.init_h = INIT_H_SCALE * jr.normal(k_h, (hidden_size,), jnp.float32)
 
+    @at_published_precision
     def run(
         self,
         temperature: Float[Array, "T H W"],

@@ -16,11 +16,11 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from glaunti.corrector import N_GIVEN_FIELDS, Corrector, check_grid
 from glaunti.glacier import (
+    at_published_precision,
     fields_forcing,
     grid_row,
     masked_mean,
     period_days,
-    published_precision,
     scan_block,
     scan_days,
     to_grid,
@@ -174,6 +174,7 @@ class GlaUnTI(eqx.Module):
         # The TI parameters are frozen: no gradient may reach them from any loss.
         return jax.lax.stop_gradient(self.ti)
 
+    @at_published_precision
     def computed_channels(
         self,
         temperature: Float[Array, "T H W"],
@@ -200,6 +201,7 @@ class GlaUnTI(eqx.Module):
 
         return computed_channels(self.ti, swe, scan)
 
+    @at_published_precision
     def corrections(
         self,
         fields: Float[Array, "12 H W"],
@@ -229,9 +231,9 @@ class GlaUnTI(eqx.Module):
             )
         check_grid(*fields.shape[1:])  # before the three TI runs, not after
         computed = self.computed_channels(temperature, precipitation, weights, valid, initial_swe)
-        with published_precision():
-            return self.corrector(jnp.concatenate([computed, fields]), climate_monthly, n_months)
+        return self.corrector(jnp.concatenate([computed, fields]), climate_monthly, n_months)
 
+    @at_published_precision
     def run(
         self,
         temperature: Float[Array, "T H W"],

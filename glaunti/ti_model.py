@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
-from glaunti.glacier import fields_forcing, period_days, scan_block, scan_days
+from glaunti.glacier import at_published_precision, fields_forcing, period_days, scan_block, scan_days
 
 # Stored (unconstrained) parameter names in docs/model.md §2 table order.
 PARAM_NAMES: tuple[str, ...] = (
@@ -379,6 +379,7 @@ class TIModel(eqx.Module):
             swe_softplus_sharpness=jnp.exp(self.swe_softplus_sharpness_log),
         )
 
+    @at_published_precision
     def run(
         self,
         temperature: Float[Array, "T H W"],

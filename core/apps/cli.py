@@ -41,11 +41,8 @@ def main_wrapper(main):
 
     @functools.wraps(main)
     def wrapped(argv=None):
-        import jax
-
-        # The model code traces under float32 matmuls itself (glaunti.glacier.published_precision);
-        # this also covers whatever a script computes outside it.
-        jax.config.update("jax_default_matmul_precision", "float32")
+        # No global JAX setting here: the model code traces under float32 matmuls itself
+        # (glaunti.glacier.at_published_precision).
         try:
             return main(argv)
         except KeyboardInterrupt:
