@@ -77,8 +77,8 @@ def computed_channels(ti: TIModel, swe, scan) -> Float[Array, "3 H W"]:
     where ``smb0`` is the frozen TI balance of the whole year block (winter + summer, as the
     published code adds its two runs). ``scan(step, state) -> (state, (2, ...) sums, _)`` runs
     the block (a glacier year: ``scan_block``; given fields: ``scan_days``). The three runs
-    share one scan; gradients are stopped."""
-    params = jax.lax.stop_gradient(ti.constrained())
+    share one scan; gradients are stopped (``ti`` is the frozen TI, ``GlaUnTI.frozen_ti``)."""
+    params = ti.constrained()
     swe = jax.lax.stop_gradient(swe)
     _, acc, _ = scan(sensitivity_step(params), jnp.broadcast_to(swe, (3,) + swe.shape))
     smb = acc[0] + acc[1]
@@ -170,8 +170,10 @@ class GlaUnTI(eqx.Module):
         self.ti = ti
         self.corrector = Corrector(key) if corrector is None else corrector
 
-    def _frozen_ti(self) -> TIModel:
-        # The TI parameters are frozen: no gradient may reach them from any loss.
+    def frozen_ti(self) -> TIModel:
+        """The TI model as every computation of C/D uses it: frozen, no gradient may reach its
+        parameters from any loss (the one home of that rule; ``trainable_filter`` leaves them
+        out of calibration accordingly)."""
         return jax.lax.stop_gradient(self.ti)
 
     @at_published_precision
@@ -199,7 +201,7 @@ class GlaUnTI(eqx.Module):
         def scan(step, state):
             return scan_days(step, state, days, fields_forcing, state.shape)
 
-        return computed_channels(self.ti, swe, scan)
+        return computed_channels(self.frozen_ti(), swe, scan)
 
     @at_published_precision
     def corrections(
@@ -245,7 +247,7 @@ class GlaUnTI(eqx.Module):
         return_series: bool = False,
     ):
         """The corrected TI run of one period; returns (smb, swe) as :meth:`TIModel.run`."""
-        return self._frozen_ti().run(
+        return self.frozen_ti().run(
             temperature, precipitation, initial_swe, weights, valid,
             corrections=corrections, return_series=return_series,
         )
@@ -264,7 +266,7 @@ class GlaUnTI(eqx.Module):
         def scan(step, state):
             return scan_block(step, state, row, k, valid, jnp.zeros_like(valid), False, state.shape)
 
-        channels = to_grid(computed_channels(self.ti, to_row(swe), scan), arrays.shape)
+        channels = to_grid(computed_channels(self.frozen_ti(), to_row(swe), scan), arrays.shape)
         inputs = jnp.concatenate([channels, arrays.fields[k]], axis=0)
         grid_size = arrays.grid_size if arrays.grid_padded else None
         return self.corrector(inputs, arrays.climate_monthly[k], arrays.n_months[k], grid_size=grid_size,
@@ -279,7 +281,7 @@ class GlaUnTI(eqx.Module):
         annual-only year this is the same as one run.
         """
         valid = arrays.day_valid[k]
-        base = jax.lax.stop_gradient(self.ti).constrained()  # the TI parameters are frozen
+        base = self.frozen_ti().constrained()
         row = grid_row(arrays)
 
         def run(corrections, swe, days):
