@@ -29,7 +29,7 @@ PUBLISHED_PARAMS = Path(__file__).resolve().parents[1] / "params" / "published"
 
 __all__ = ["DEFAULT_SEED", "DESCRIPTIONS", "EPOCHS", "FINETUNE_EPOCHS", "FINETUNE_LEARNING_RATE",
            "FINETUNE_TRAIN_YEARS", "FINETUNE_VAL_YEARS", "LEARNING_RATE", "MODELS", "PUBLISHED_PARAMS",
-           "STARTS_FROM", "build", "finetuned_name", "initial_model", "load_model", "log_path", "params_path",
+           "STARTS_FROM", "build", "finetuned_name", "initial_model", "label", "load_model", "log_path", "params_path",
            "params_provenance", "published_params_path", "save_model", "uses_facies"]
 
 
@@ -70,6 +70,13 @@ def published_params_path(name: str) -> Path:
 
 def uses_facies(name: str) -> bool:
     return spec(name).facies
+
+
+def label(name: str, facies_maps: bool = True) -> str:
+    """"D: GlaUnTI with facies" for a legend; a facies model on a glacier without facies maps
+    says that it ran without them (the −1 placeholder, C's inputs)."""
+    text = f"{name.upper()}: {DESCRIPTIONS[name]}"
+    return text + " (no facies maps here)" if uses_facies(name) and not facies_maps else text
 
 
 def load_model(name: str, path: str | Path):

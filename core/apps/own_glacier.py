@@ -18,8 +18,9 @@ import numpy as np
 from core.apps.cli import main_wrapper
 from core.evaluate.metrics import season_window
 from core.io import atomic_path, atomic_write_text
-from core.models import DESCRIPTIONS, published_params_path
+from core.models import label, published_params_path
 from core.workflows import infer_and_evaluate
+from dataloader import Dataset
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 SOURCES = REPOSITORY / "examples" / "hintereisferner" / "sources"
@@ -82,7 +83,7 @@ def mean_annual_smb(smb_path: Path, data_folder: Path, name: str) -> tuple[np.nd
     series, as the evaluation does."""
     import xarray as xr
 
-    from dataloader import Dataset
+
 
     tensors = Dataset(data_folder).glacier(name)
     with xr.open_dataset(smb_path) as ds:
@@ -105,6 +106,7 @@ def plot(evaluations: dict[str, dict], out_dir: Path, data_folder: Path, name: s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    facies_maps = bool(np.any(Dataset(data_folder).glacier(name).has_facies))
     fig, (ax_map, ax_series) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [1, 1.5]})
     model = list(evaluations)[-1]
     field, x, y = mean_annual_smb(out_dir / "smb" / f"{model}.nc", data_folder, name)
@@ -126,7 +128,7 @@ def plot(evaluations: dict[str, dict], out_dir: Path, data_folder: Path, name: s
             observed = [per_year[str(y)]["true"][0] for y in years]
             ax_series.plot(years, observed, "k-o", ms=4, lw=1.6, label="WGMS")
         pred = [per_year[str(y)]["pred"][0] for y in years]
-        ax_series.plot(years, pred, "-o", ms=3, lw=1, label=f"{model.upper()}: {DESCRIPTIONS[model]}")
+        ax_series.plot(years, pred, "-o", ms=3, lw=1, label=label(model, facies_maps))
     ax_series.axhline(0, color="0.6", lw=0.6)
     ax_series.set_xlabel("balance year")
     ax_series.set_ylabel("glacier-wide annual balance (m w.e.)")
