@@ -83,8 +83,6 @@ def mean_annual_smb(smb_path: Path, data_folder: Path, name: str) -> tuple[np.nd
     series, as the evaluation does."""
     import xarray as xr
 
-
-
     tensors = Dataset(data_folder).glacier(name)
     with xr.open_dataset(smb_path) as ds:
         daily = ds["smb"]
