@@ -261,7 +261,7 @@ def test_batched_inference_equals_per_glacier(model_name, tiny_reference_dataset
 
     from core.infer.runner import iter_daily_smb, write_daily_smb_batch
     from core.models import uses_facies
-    from core.workflows import inference_layout
+    from glaunti.layouts import inference_layout
 
     dataset = tiny_reference_dataset
     model = load_model(model_name, PUBLISHED / f"{model_name}.eqx")

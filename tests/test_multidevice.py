@@ -210,8 +210,8 @@ def test_a_failing_device_thread_leaves_no_unfinished_files(tiny_reference_copy,
 
     from core.execute.sets import GlacierSet
     from core.infer import runner as inference
-    from core.workflows import inference_layout
     from dataloader import Dataset
+    from glaunti.layouts import inference_layout
 
     dataset = Dataset(tiny_reference_copy)
     model = load_model("a", PUBLISHED / "a.eqx")
