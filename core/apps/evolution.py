@@ -154,6 +154,7 @@ def evolve(inputs: EvolutionInputs, out_dir: Path, verbose: bool = True) -> dict
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     provenance = read_provenance(inputs.data_folder, inputs.name)
+    frame = _outline_frame(inputs.outlines, inputs.outline_ids)  # bad ids fail before the inference
     sources = provenance["diagnostics"]["climate"]["sources"]
     projection = inputs.gcm_temperature is not None or inputs.gcm_precipitation is not None
     if projection and (inputs.gcm_temperature is None or inputs.gcm_precipitation is None):
@@ -205,8 +206,7 @@ def evolve(inputs: EvolutionInputs, out_dir: Path, verbose: bool = True) -> dict
     # OGGM's winter-precipitation factor is fitted to W5E5 1979–2019 only; with a custom climate
     # the precipitation factor is the constant OGGM used with HISTALP in the Alps (2.5).
     cfg.PARAMS["prcp_fac"] = PRCP_FAC
-    frame = _outline_frame(inputs.outlines, inputs.outline_ids)
-    start = inputs.start_year if inputs.start_year is not None else None
+    start = inputs.start_year
     history = None
     results = {}
     for model in MODELS:
