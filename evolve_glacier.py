@@ -39,7 +39,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="d", help="GlaUnTI model (default d, with the published weights)")
     p.add_argument("--params", type=Path, help="Parameter file (default: the published weights of --model)")
     p.add_argument("--until", type=int, help="Last year of the run (default: the last prepared balance year)")
-    p.add_argument("--start_year", type=int, help="First year of the run (default: the outline's date)")
+    p.add_argument("--start_year", type=int,
+                   help="First (balance) year of the run; the outline is the glacier at its start "
+                        "(default: the year after the outline's date, as OGGM)")
     gcm = p.add_argument_group("projection (delta method; one GCM is a demonstration, not a projection range)")
     gcm.add_argument("--gcm_temperature", type=Path, help="GCM monthly near-surface temperature 'tas' (K)")
     gcm.add_argument("--gcm_precipitation", type=Path, help="GCM monthly precipitation 'pr' (kg m-2 s-1)")

@@ -56,7 +56,7 @@ class EvolutionInputs:
     gcm_temperature: Path | None = None
     gcm_precipitation: Path | None = None
     reference_period: tuple[int, int] = DEFAULT_REFERENCE
-    start_year: int | None = None  # default: the outline's date
+    start_year: int | None = None  # default: the year after the outline's date
 
 
 def _say(verbose: bool, text: str) -> None:
@@ -212,7 +212,9 @@ def evolve(inputs: EvolutionInputs, out_dir: Path, verbose: bool = True) -> dict
     for model in MODELS:
         gdir = _glacier_dir(cfg, workflow, frame, out_dir / "oggm" / model)
         _flowlines(gdir, tasks)
-        start = start if start is not None else int(gdir.rgi_date)
+        # OGGM's convention: the outline shows the glacier at the end of its year (images of a
+        # snow-free late summer), so the run starts with the next (balance) year.
+        start = start if start is not None else int(gdir.rgi_date) + 1
         history = (start, last_balance_year)
         mb_years = (start, last_balance_year + 1)  # OGGM ranges exclude their end
         if model == "glaunti":
