@@ -185,3 +185,11 @@ def test_nothing_reached_for_the_network_or_home(historical, offline):
     assert refused == []
     left = {p.name for p in home.iterdir()}
     assert not left & {".oggm", ".oggm_config", ".salem_cache", "OGGM"}, left
+
+
+def test_script_has_help():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "evolve_glacier.py", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0 and "--gcm_temperature" in out.stdout and "--reference_period" in out.stdout
