@@ -195,7 +195,8 @@ def evolve(inputs: EvolutionInputs, out_dir: Path, verbose: bool = True) -> dict
 
     # 2.–3. OGGM, offline.
     t0 = time.perf_counter()
-    cfg = import_oggm(out_dir)
+    cfg = import_oggm(out_dir, verbose=verbose)
+    from oggm import exceptions as oggm_errors
     from oggm import tasks, workflow
     from oggm.core import flowline, massbalance
 
@@ -209,38 +210,49 @@ def evolve(inputs: EvolutionInputs, out_dir: Path, verbose: bool = True) -> dict
     start = inputs.start_year
     history = None
     results = {}
-    for model in MODELS:
-        gdir = _glacier_dir(cfg, workflow, frame, out_dir / "oggm" / model)
-        _flowlines(gdir, tasks)
-        # OGGM's convention: the outline shows the glacier at the end of its year (images of a
-        # snow-free late summer), so the run starts with the next (balance) year.
-        start = start if start is not None else int(gdir.rgi_date) + 1
-        history = (start, last_balance_year)
-        mb_years = (start, last_balance_year + 1)  # OGGM ranges exclude their end
-        if model == "glaunti":
-            mb = mass_balance_model_class()(relation, hemisphere=gdir.hemisphere)
-            tasks.apparent_mb_from_any_mb(gdir, mb_model=mb, mb_years=mb_years)
-            fls = gdir.read_pickle("inversion_flowlines")
-            years = np.arange(*mb_years)
-            on_flowlines = mb.get_specific_mb(fls=fls, year=years) / 1000.0
-            on_grid = relation.glacier_wide[[relation.index(int(y)) for y in years]]
-            inversion = _invert(gdir, tasks)
-            flowline.flowline_model_run(gdir, mb_model=mb, ys=start, ye=until + 1, output_filesuffix="_glaunti")
-        else:
-            tasks.process_custom_climate_data(gdir)
-            observed_years = observed.loc[start:last_balance_year]
-            if observed_years.empty:
-                raise DataError(Path(inputs.data_folder) / inputs.name / "total_smb.csv", "column 'annual_balance'",
-                                f"has no value in {start}–{last_balance_year}: OGGM's TI is calibrated on it")
-            ref_mb = float(observed_years.mean()) * 1000.0
-            massbalance.mb_calibration_from_scalar_mb(
-                gdir, ref_mb=ref_mb, ref_period=f"{start}-01-01_{last_balance_year + 1}-01-01", overwrite_gdir=True)
-            calibration = gdir.read_json("mb_calib")
-            tasks.apparent_mb_from_any_mb(gdir, mb_years=mb_years)
-            inversion_ti = _invert(gdir, tasks)
-            tasks.run_from_climate_data(gdir, ys=start, ye=until + 1, output_filesuffix="_oggm_ti")
-        with xr.open_dataset(gdir.get_filepath("model_diagnostics", filesuffix=f"_{model}")) as ds:
-            results[model] = ds[["volume_m3", "area_m2", "length_m"]].load()
+    # OGGM's own failures (a DEM it cannot use, a calibration that does not converge, a download
+    # it would need) become one line naming the glacier and the model.
+    oggm_failures = (oggm_errors.MassBalanceCalibrationError, oggm_errors.InvalidDEMError,
+                     oggm_errors.InvalidGeometryError, oggm_errors.GeometryError, oggm_errors.NoInternetException)
+    model = MODELS[0]
+    try:
+        for model in MODELS:
+            gdir = _glacier_dir(cfg, workflow, frame, out_dir / "oggm" / model)
+            _flowlines(gdir, tasks)
+            # OGGM's convention: the outline shows the glacier at the end of its year (images of a
+            # snow-free late summer), so the run starts with the next (balance) year.
+            start = start if start is not None else int(gdir.rgi_date) + 1
+            if not relation.years[0] <= start <= last_balance_year:
+                raise ValueError(f"the run would start in {start}: expected a balance year with GlaUnTI SMB and "
+                                 f"climate, {relation.years[0]}–{last_balance_year} (--start_year)")
+            history = (start, last_balance_year)
+            mb_years = (start, last_balance_year + 1)  # OGGM ranges exclude their end
+            if model == "glaunti":
+                mb = mass_balance_model_class()(relation, hemisphere=gdir.hemisphere)
+                tasks.apparent_mb_from_any_mb(gdir, mb_model=mb, mb_years=mb_years)
+                fls = gdir.read_pickle("inversion_flowlines")
+                years = np.arange(*mb_years)
+                on_flowlines = mb.get_specific_mb(fls=fls, year=years) / 1000.0
+                on_grid = relation.glacier_wide[[relation.index(int(y)) for y in years]]
+                inversion = _invert(gdir, tasks)
+                flowline.flowline_model_run(gdir, mb_model=mb, ys=start, ye=until + 1, output_filesuffix="_glaunti")
+            else:
+                tasks.process_custom_climate_data(gdir)
+                observed_years = observed.loc[start:last_balance_year]
+                if observed_years.empty:
+                    raise DataError(Path(inputs.data_folder) / inputs.name / "total_smb.csv", "column 'annual_balance'",
+                                    f"has no value in {start}–{last_balance_year}: OGGM's TI is calibrated on it")
+                ref_mb = float(observed_years.mean()) * 1000.0
+                massbalance.mb_calibration_from_scalar_mb(
+                    gdir, ref_mb=ref_mb, ref_period=f"{start}-01-01_{last_balance_year + 1}-01-01", overwrite_gdir=True)
+                calibration = gdir.read_json("mb_calib")
+                tasks.apparent_mb_from_any_mb(gdir, mb_years=mb_years)
+                inversion_ti = _invert(gdir, tasks)
+                tasks.run_from_climate_data(gdir, ys=start, ye=until + 1, output_filesuffix="_oggm_ti")
+            with xr.open_dataset(gdir.get_filepath("model_diagnostics", filesuffix=f"_{model}")) as ds:
+                results[model] = ds[["volume_m3", "area_m2", "length_m"]].load()
+    except oggm_failures as err:
+        raise ValueError(f"OGGM, {inputs.name}, {model}: {type(err).__name__}: {err}") from err
     seconds_oggm = time.perf_counter() - t0
 
     diagnostics = _write_diagnostics(out_dir / "evolution.nc", results, inputs, label, history)

@@ -80,12 +80,13 @@ def _fill_home(home: Path) -> None:
             "has_internet = False\n")
 
 
-def import_oggm(work_dir: str | os.PathLike):
+def import_oggm(work_dir: str | os.PathLike, verbose: bool = True):
     """Import OGGM offline and initialise it for one run; returns ``oggm.cfg``.
 
     ``work_dir/oggm_home`` receives OGGM's and salem's sample-data folders and config; OGGM's
     working directory is ``work_dir/oggm``. In a process that imported OGGM already (the user's
-    own set-up), the import is left alone and only the cache paths are redirected."""
+    own set-up), the import is left alone and only the cache paths are redirected. ``verbose``
+    False silences OGGM's log (its workflow messages sit above WARNING; its errors still raise)."""
     require_oggm()
     home = Path(work_dir).resolve() / "oggm_home"
     _fill_home(home)
@@ -110,7 +111,7 @@ def import_oggm(work_dir: str | os.PathLike):
     from oggm import cfg
 
     cfg.CACHE_DIR = str(home / ".oggm")
-    cfg.initialize(logging_level="WARNING")
+    cfg.initialize(logging_level="WARNING" if verbose else "CRITICAL")
     cfg.PARAMS["has_internet"] = False
     for key in ("dl_cache_dir", "tmp_dir", "rgi_dir", "test_dir"):
         cfg.PATHS[key] = str(home / "OGGM" / key.removesuffix("_dir"))
