@@ -366,11 +366,11 @@ def plot(ds: xr.Dataset, path: Path, history, projection: bool, inputs: Evolutio
             gcm = Path(inputs.gcm_temperature).stem
             ax.text(history[1] + 2, ax.get_ylim()[1], f"projection: one GCM ({gcm}),\na demonstration",
                     fontsize=7, va="top")
-        ax.set_xlabel("year (end of balance year = t)")
+        ax.set_xlabel("OGGM year t (t = Y + 1: end of year Y)")
         ax.set_ylabel(unit)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="lower left")
-    fig.suptitle(f"{inputs.name}: OGGM flowline evolution from {history[0]}", fontsize=10)
+    fig.suptitle(f"{inputs.name}: OGGM flowline evolution from the outline (t = {history[0]})", fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
