@@ -32,6 +32,7 @@ from core.apps import projection_climate as pc
 from core.apps.oggm_offline import import_oggm
 from core.apps.smb_elevation import SMBElevation, mass_balance_model_class, monthly_sums, reduce_fields
 from core.io import atomic_path, atomic_write_json
+from core.models import published_params_path
 from core.run import infer_and_evaluate
 from dataloader.errors import DataError
 
@@ -183,9 +184,11 @@ def evolve(inputs: EvolutionInputs, out_dir: Path, verbose: bool = True) -> dict
         t_all, p_all, label = t_ref, p_ref, "reanalysis"
         smb_folder = Path(inputs.data_folder)
     smb_path = out_dir / "smb" / f"{inputs.model}.nc"
+    # The published weights unless a file is given (not a params/<model>.eqx trained here).
+    params_path = Path(inputs.params_path or published_params_path(inputs.model))
     t0 = time.perf_counter()
     infer_and_evaluate(inputs.model, inputs.name, smb_path, out_dir / "smb" / f"{inputs.model}_eval.json",
-                       params_path=inputs.params_path, data_folder=smb_folder)
+                       params_path=params_path, data_folder=smb_folder)
     seconds_inference = time.perf_counter() - t0
     relation = relation_from_smb(smb_path, smb_folder, inputs.name)
     _say(verbose, f"GlaUnTI {inputs.model.upper()}: SMB {relation.years[0]}–{relation.years[-1]} "
@@ -261,6 +264,7 @@ def evolve(inputs: EvolutionInputs, out_dir: Path, verbose: bool = True) -> dict
                        calibration, ref_mb, inputs, label)
     summary["seconds"] = {"glaunti_inference": round(seconds_inference, 1), "oggm": round(seconds_oggm, 1),
                           "total": round(time.perf_counter() - t_start, 1)}
+    summary["params"] = str(params_path)
     summary["outputs"] = {"diagnostics": str(out_dir / "evolution.nc"), "figure": str(figure)}
     atomic_write_json(out_dir / "summary.json", summary)
     return summary
