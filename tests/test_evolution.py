@@ -161,6 +161,10 @@ def test_adapter_units_and_conventions(historical, offline):
     biased = mass_balance_model_class()(relation, bias=365.0)
     np.testing.assert_allclose((annual - biased.get_annual_mb(heights, year=2004)) * cfg.SEC_IN_YEAR * mb.rho,
                                365.0)
+    # OGGM's ELA search runs within valid_bounds.
+    ela = float(np.atleast_1d(mb.get_ela(year=2004))[0])
+    assert relation.z_range[k, 0] < ela < relation.z_range[k, 1] + 1000.0
+    assert abs(float(mb.get_annual_mb([ela], year=2004)[0])) * cfg.SEC_IN_YEAR * mb.rho < 1.0  # mm w.e.
     with pytest.raises(ValueError, match="outside the GlaUnTI SMB"):
         mb.get_annual_mb(heights, year=relation.years[-1] + 1)
 
