@@ -18,9 +18,9 @@ TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ "$$n" -gt 4 ] && n=
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	if $(PY) -m pip install --quiet uv; then \
-		$(VENV)/bin/uv pip install --quiet --python $(PY) -e ".[dev,notebooks]"; \
+		$(VENV)/bin/uv pip install --quiet --python $(PY) -e ".[dev,notebooks,oggm]"; \
 	else \
-		$(PY) -m pip install --quiet --upgrade pip && $(PY) -m pip install --quiet -e ".[dev,notebooks]"; \
+		$(PY) -m pip install --quiet --upgrade pip && $(PY) -m pip install --quiet -e ".[dev,notebooks,oggm]"; \
 	fi
 	touch $@
 
