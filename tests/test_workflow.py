@@ -134,7 +134,7 @@ def test_infer_and_evaluate_outputs(trained, tiny_twin, tmp_path):
     tensors = dataset.glacier(glacier)
     np.testing.assert_array_equal(xr.open_dataset(smb_path).x.values, tensors.x)
     result = json.loads(eval_path.read_text())
-    assert set(result) == {"metrics", "true_pred"}
+    assert set(result) == {"params", "metrics", "true_pred"}
     for scale in SCALES:
         for season in SEASONS:
             pair = result["true_pred"][scale]["overall"][season]
