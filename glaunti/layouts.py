@@ -262,8 +262,9 @@ GRID_FIELDS = ("climate_cell", "lapse_offset", "outlines", "fields")
 def pad_host_grid(h: dict, height: int, width: int) -> dict:
     """The grid of :func:`host_arrays`-style ``h`` padded at the bottom/right to (height, width)
     with inert cells (0 everywhere; stakes keep their cells). ``grid_size`` keeps the glacier's
-    own size; ``loss_cells`` are re-indexed into the padded grid (padding value height·width);
-    ``grid_padded`` is set once any padding was added."""
+    own size; ``loss_cells`` are re-indexed into the padded grid (padding value height·width).
+    Whether a model then masks the padding (``grid_padded``) is the batch's to say
+    (:func:`stack_host_arrays`)."""
     old_h, old_w = h["climate_cell"].shape
     if (height, width) == (old_h, old_w):
         return h
@@ -275,7 +276,6 @@ def pad_host_grid(h: dict, height: int, width: int) -> dict:
     cells = h["loss_cells"]
     real = cells < old_h * old_w
     h["loss_cells"] = np.where(real, (cells // old_w) * width + cells % old_w, height * width).astype(np.int32)
-    h["grid_padded"] = True
     return h
 
 
@@ -290,11 +290,14 @@ def pad_host_stakes(h: dict, n: int) -> dict:
 
 
 def stack_host_arrays(hs: list[dict], grid: tuple[int, int] | None = None, stakes: int | None = None,
-                      loss_cells: int | None = None) -> dict:
+                      loss_cells: int | None = None, grid_padded: bool = False) -> dict:
     """Glaciers of one bucket (:func:`host_arrays` dicts of one layout, equal Y, D, C, L and
     spin-up) stacked along a new leading axis, after padding each one's grid (or "cells" row),
     stakes and loss cells to ``grid``, ``stakes`` and ``loss_cells`` (default: the largest of
-    the batch); ``n_spinup`` stays a plain int."""
+    the batch); ``n_spinup`` stays a plain int. ``grid_padded`` (static) makes a padding-aware
+    model (C/D) mask what lies beyond each glacier's ``grid_size``: set for a whole shape class
+    that holds a padded glacier (``core.execute.sets``), so that the class compiles one
+    function."""
     height, width = grid or (max(h["climate_cell"].shape[0] for h in hs),
                              max(h["climate_cell"].shape[1] for h in hs))
     stakes = stakes or max(len(h["stake_year"]) for h in hs)
@@ -314,8 +317,7 @@ def stack_host_arrays(hs: list[dict], grid: tuple[int, int] | None = None, stake
             raise ValueError(f"glaciers of one batch differ in the shape of {name}: {sorted(shapes)}")
         out[name] = np.stack([h[name] for h in hs])
     out["n_spinup"] = spinups.pop()
-    if any(h.get("grid_padded", False) for h in hs):
-        out["grid_padded"] = True
+    out["grid_padded"] = grid_padded
     return out
 
 

@@ -56,7 +56,7 @@ def test_padded_grid_is_inert_padding(tiny_reference_dataset):
     assert alone["climate_cell"].shape == (height, width) and not alone.get("grid_padded", False)
     padded = pad_host_grid(alone, *grid_bucket(height, width))
     assert padded["climate_cell"].shape == (32, 32)
-    assert padded["grid_padded"] and list(padded["grid_size"]) == [height, width]
+    assert list(padded["grid_size"]) == [height, width]
     for name in ("climate_cell", "lapse_offset", "outlines", "fields"):
         np.testing.assert_array_equal(padded[name][..., :height, :width], exact[name])
         assert not np.any(padded[name][..., height:, :]) and not np.any(padded[name][..., :, width:])
@@ -222,11 +222,11 @@ def test_batched_c_equals_per_glacier(tiny_reference_dataset):
     hosts = [pad_host_grid(layout_host_arrays(dataset.glacier(name), layout="padded_grid"), 32, 32)
              for name in dataset.names]
     hosts[1] = _shorter(hosts[1])
-    batch = GlacierBatch(to_device(stack_host_arrays(hosts)))
+    batch = GlacierBatch(to_device(stack_host_arrays(hosts, grid_padded=True)))
     # Alone, each with the batch's (inert) stake padding: one compile of C's gradient, not one
     # per stake count.
     stakes = max(len(h["stake_year"]) for h in hosts)
-    hosts = [pad_host_stakes(h, stakes) for h in hosts]
+    hosts = [{**pad_host_stakes(h, stakes), "grid_padded": True} for h in hosts]
 
     def batched(t):
         return batch_loss(eqx.combine(t, static), batch, custom_vjp=True)

@@ -479,13 +479,11 @@ class GlacierSet:
                 read = dict(zip(unread, map(self._host, self.dataset.iter_glaciers([self.names[i] for i in unread]))))
                 hosts = [self._planned.pop(i, None) or read[i] for i in batch.indices]
                 self._used -= sum(_host_bytes(hosts[n]) for n, i in enumerate(batch.indices) if i not in read)
-                stacked = stack_host_arrays(hosts, batch.grid, batch.stakes, batch.loss_cells)
-                # Only a model that pads grids (C/D) reads the flag, a static field: set on a
-                # whole shape class, so that a glacier filling the class's grid runs the padded
-                # path too (equal to its own to float32 rounding) in the class's one function.
-                stacked.pop("grid_padded", None)
-                if self.layout == "padded_grid" and batch.padded:
-                    stacked["grid_padded"] = True
+                # Only a model that pads grids (C/D) reads the flag: on a whole shape class, so
+                # that a glacier filling the class's grid runs the padded path too (equal to its
+                # own to float32 rounding) in the class's one function.
+                stacked = stack_host_arrays(hosts, batch.grid, batch.stakes, batch.loss_cells,
+                                            grid_padded=self.layout == "padded_grid" and batch.padded)
                 arrays = GlacierBatch(to_device(stacked, device))
                 del hosts
                 size = nbytes(arrays)
