@@ -120,6 +120,7 @@ def infer_and_evaluate_many(model_name: str, glaciers, smb_paths, eval_paths, pa
     model = load_model(model_name, params_path)
     params = params_provenance(params_path)
     glacier_set = GlacierSet(dataset, glaciers, uses_facies(model_name), layout=inference_layout(model))
+    glacier_set.batches()  # reads every glacier: bad input fails now, before anything compiles
     results: list = [None] * len(glaciers)
 
     def evaluate_batch(batch, tensors):

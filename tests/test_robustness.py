@@ -250,6 +250,8 @@ REVIEWED = {
     "core/apps/own_glacier.py",  # the figure: inside core.io.atomic_path
     "core/apps/notebook.py",  # the notebooks' figures: inside core.io.atomic_path
     "core/apps/crossvalidation.py",  # the figure: inside core.io.atomic_path
+    "core/apps/evolution.py",  # evolution.nc and the figure: inside core.io.atomic_path
+    "core/apps/projection_climate.py",  # the projected climate files: inside core.io.atomic_path
     "dataloader/synthetic/generator.py",  # the twin: built in a temporary folder and renamed
     "dataloader/layout.py",  # (called by synthetic/generator.py and prepare/glacier.py on temporary folders)
     "dataloader/prepare/glacier.py",  # the glacier: built in a temporary folder and renamed

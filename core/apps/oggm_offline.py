@@ -22,6 +22,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from core.io import atomic_write_text
+
 REPOSITORY = Path(__file__).resolve().parents[2]
 OGGM_INIT = REPOSITORY / "examples" / "oggm_init"
 EXTRA = "oggm"
@@ -71,7 +73,8 @@ def _fill_home(home: Path) -> None:
     config = home / ".oggm_config"
     if not config.exists():
         downloads = home / "OGGM"
-        config.write_text(
+        atomic_write_text(
+            config,
             f"dl_cache_dir = {downloads / 'download_cache'}\n"
             "dl_cache_readonly = False\n"
             f"tmp_dir = {downloads / 'tmp'}\n"
