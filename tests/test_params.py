@@ -14,6 +14,7 @@ import pytest
 
 import glaunti.params as params_module
 from conftest import PUBLISHED
+from core.models import save_model
 from glaunti import (
     Corrector,
     GlaUnTI,
@@ -98,7 +99,7 @@ def test_published_values_land_on_the_right_fields():
 def test_save_load_round_trip(tmp_path, make):
     model = make()
     path = tmp_path / "sub" / "model.eqx"
-    save_params(model, path)
+    save_model(model, path)  # core.models: glaunti.params.save_params through a temporary file
     kind = {TIModel: "a", GRUModel: "b", GlaUnTI: "c"}[type(model)]
     back = load_params(kind, path)
     assert type(back) is type(model)
@@ -139,7 +140,8 @@ def test_truncated_and_missing_files_are_clear_errors(tmp_path):
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
-    """A failing write leaves the previous file intact and no temporary file behind."""
+    """A failing write (``core.models.save_model``) leaves the previous file intact and no
+    temporary file behind."""
     path = tmp_path / "a.eqx"
     save_params(TIModel.prior(), path)
     before = path.read_bytes()
@@ -155,6 +157,6 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(params_module.np, "save", failing_save)
     shifted = TIModel(**{k: v + 1.0 for k, v in TIModel.prior().stored().items()})
     with pytest.raises(OSError, match="disk full"):
-        save_params(shifted, path)
+        save_model(shifted, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["a.eqx"]
