@@ -304,15 +304,11 @@ def test_infer_and_evaluate_many_writes_what_one_by_one_writes(tiny_reference_co
 def test_shared_shapes_compile_beside_each_other():
     """With executables shared between devices, a shape only one device runs compiles there and
     a shared one on the device with the fewest shapes to compile, not after another shape."""
-    from types import SimpleNamespace
-
+    from core.execute.sets import WorkItem
     from core.train.loop import _compiling_devices
 
-    class Planned:
-        def batches(self):
-            return [SimpleNamespace(signature=s) for s in ("big", "big", "small", "big")]
-
-    compiler = _compiling_devices(Planned(), object(), None, {"d0": [0, 3], "d1": [1, 2]})
+    work = [WorkItem((j,), s, "") for j, s in enumerate(("big", "big", "small", "big"))]
+    compiler = _compiling_devices(work, object(), None, {"d0": [0, 3], "d1": [1, 2]})
     assert compiler == {0: "d0", 3: "d0", 1: "d0", 2: "d1"}
-    compiler = _compiling_devices(Planned(), object(), None, {"d0": [0, 1, 2, 3]})
+    compiler = _compiling_devices(work, object(), None, {"d0": [0, 1, 2, 3]})
     assert set(compiler.values()) == {"d0"}
