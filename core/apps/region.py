@@ -23,8 +23,10 @@ running scheduler); they write their files to OUT_DIR and return small dicts, ne
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -45,6 +47,7 @@ from core.io import atomic_path, atomic_write_json, atomic_write_text
 from core.models import published_params_path
 from core.run import infer_and_evaluate_many, inference_layout
 from dataloader.errors import DataError
+from dataloader.prepare.climate import MONTHLY_WARNING
 
 FORMAT_VERSION = 1
 CELL_KM2 = 0.01  # one 100 m cell
@@ -272,7 +275,9 @@ def manifest(sources: RegionSources, options: RegionOptions, outlines: list[dict
 
 
 def _comparable(m: dict) -> dict:
-    """A manifest without the paths (the same files named differently make the same product)."""
+    """A manifest without the paths (the same files named differently make the same product),
+    as JSON holds it (tuples are lists)."""
+    m = json.loads(json.dumps(m, default=str))
     return {"format": m["format"], "inputs": {k: v["sha256"] for k, v in m["inputs"].items()},
             "records": sorted(m["records"].values()), "options": m["options"],
             "models": {k: v["sha256"] for k, v in m["models"].items()}, "outlines": m["outlines"]}
@@ -337,6 +342,14 @@ def prepare_task(out_dir: str, outline: dict, common: dict) -> dict:
     staging = out_dir / "work" / "staging" / name
     shutil.rmtree(staging, ignore_errors=True)  # a killed run's half preparation
     s, o = common["sources"], common["options"]
+    result = {"id": name, "key": key}
+    outline = dict(outline)
+    ended = _records_end(outline.get("glacier_wide"))
+    if ended is not None and ended < o["first_year"]:
+        # Records that end before the modelled period (Langtaler Ferner: 1963–1970) cannot be
+        # compared, but the glacier can be modelled: it is prepared without them.
+        result["records_left_out"] = f"WGMS records end in {ended}, before {o['first_year']}"
+        outline["glacier_wide"] = outline["profile"] = None
     sources = Sources(outlines=Path(s["outlines"]), outline_ids=(name,), dem=Path(s["dem"]),
                       temperature=Path(s["temperature"]), precipitation=Path(s["precipitation"]),
                       orography=Path(s["orography"]),
@@ -346,14 +359,20 @@ def prepare_task(out_dir: str, outline: dict, common: dict) -> dict:
                       epsg=o["epsg"], margin_m=o["margin_m"],
                       wgms_name=outline.get("wgms_name") or name.upper(), region=o["region"])
     t0 = time.perf_counter()
-    result = {"id": name, "key": key}
+    captured = io.StringIO()
     try:
-        provenance = prepare_glacier(staging, name, sources, options, verbose=False)
+        with contextlib.redirect_stderr(captured):
+            provenance = prepare_glacier(staging, name, sources, options, verbose=False)
     except (DataError, ValueError) as error:
         shutil.rmtree(staging, ignore_errors=True)
         result.update(status="skipped", reason=one_line(error))
         atomic_write_json(marker, result)
         return result
+    finally:
+        # The monthly-climate warning was printed once for the region (check_shared_inputs).
+        rest = captured.getvalue().replace(MONTHLY_WARNING + "\n", "")
+        if rest:
+            print(rest, end="", file=sys.stderr)
     (out_dir / "data").mkdir(parents=True, exist_ok=True)
     replace_folder(staging / name, out_dir / "data" / name)
     shutil.rmtree(staging, ignore_errors=True)
@@ -362,6 +381,19 @@ def prepare_task(out_dir: str, outline: dict, common: dict) -> dict:
                   grid=provenance["grid"], seconds=round(time.perf_counter() - t0, 2))
     atomic_write_json(marker, result)
     return result
+
+
+def _records_end(path) -> int | None:
+    """The last year of a glacier-wide record file (WGMS ``YEAR`` or published ``year``), None
+    if it has none that reads (the preparation then reports the file)."""
+    if not path:
+        return None
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        column = "YEAR" if "YEAR" in table.columns else "year"
+        return int(pd.to_numeric(table[column], errors="raise").max())
+    except (OSError, ValueError, KeyError, pd.errors.ParserError):
+        return None
 
 
 def write_index(out_dir: Path, prepared: list[dict]) -> None:
@@ -424,6 +456,9 @@ def infer_task(out_dir: str, model: str, params: str, names: list[str], keys: di
         # class's glaciers a killed run had finished.
         todo = list(names)
         smb = [out_dir / "work" / model / "smb" / f"{n}.nc" for n in todo]
+        for path in smb:  # a killed run's half-written maps (this task is the class's only writer)
+            for stale in path.parent.glob(f".{path.name}.*.tmp"):
+                stale.unlink()
         evals = [out_dir / "work" / model / "eval" / f"{n}.json" for n in todo]
         infer_and_evaluate_many(model, todo, smb, evals, params_path=params, data_folder=out_dir / "data")
         dataset = Dataset(out_dir / "data")
@@ -612,8 +647,12 @@ def _wgms_comparisons(out_dir: Path, outlines: list[dict], done: set[str], model
         if "reason" in entry:
             out.append(entry)
             continue
-        last = last_year if last_year is not None else 9999
-        observed, _ = read_glacier_wide(mbdata, first_year, last)
+        try:
+            observed, _ = read_glacier_wide(mbdata, first_year, last_year if last_year is not None else 9999)
+        except DataError as error:  # records outside the modelled period: nothing to compare
+            entry["reason"] = one_line(error).split(": ", 1)[-1]
+            out.append(entry)
+            continue
         observed = dict(zip(observed["year"].astype(int), observed["annual_balance"].astype(float)))
         for model in models:
             weighted, total_area, years = None, 0.0, None
@@ -852,7 +891,7 @@ def write_glaciers_csv(path: Path, outlines: list[dict], prepared: dict[str, dic
         p = prepared[o["id"]]
         row = {"id": o["id"], "name": o.get("wgms_name") or o["name"], "outline_area_km2": o["outline_area_km2"],
                "area_km2": p.get("area_km2"), "status": p["status"], "reason": p.get("reason", ""),
-               "wgms_id": o.get("wgms_id", "")}
+               "wgms_id": o.get("wgms_id", ""), "note": p.get("records_left_out", "")}
         comparison = by_id.get(o["id"])
         row["wgms_compared_as"] = "" if comparison is None else (
             comparison.get("reason") or ("area-weighted " + " + ".join(comparison["ids"])
@@ -1042,6 +1081,30 @@ def run_region(out_dir, sources: RegionSources, options: RegionOptions = RegionO
     return {"done": names, "skipped": skipped, "comparisons": comparisons, "seconds": seconds,
             "outputs": {k: out_dir / k for k in ("region.nc", "glaciers.csv", "mean_annual_smb.tif", "region.png")},
             "area_km2": done_area, "outline_area_km2": rgi_area, "table": text}
+
+
+# The bundled example (examples/oetztal/README.md: sources and attribution).
+OETZTAL = Path(__file__).resolve().parents[2] / "examples" / "oetztal" / "sources"
+
+
+def oetztal_sources(within_rofental: bool = False) -> RegionSources:
+    """The bundled Oetztal inputs: the 20 RGI 5 outlines, SRTM, ERA5-Land monthly, the WGMS
+    records of Hintereis-, Kesselwand-, Vernagt- and Langtaler Ferner and their links; with
+    ``within_rofental`` only the outlines whose centroid lies in the Rofental catchment."""
+    return RegionSources(
+        outlines=OETZTAL / "rgi_oetztal.shp", dem=OETZTAL / "srtm_oetztal.tif",
+        temperature=OETZTAL / "sel_era5_land_monthly_t2m_1981-2018.nc",
+        precipitation=OETZTAL / "sel_era5_land_monthly_prcp_1981-2018.nc",
+        orography=OETZTAL / "sel_era5_land_invariant.nc",
+        wgms_links=OETZTAL / "rgi_wgms_links_20170217_RGIV5_oetztal.csv", wgms_folder=OETZTAL,
+        within=OETZTAL / "rofental_hydrosheds.shp" if within_rofental else None)
+
+
+def run_oetztal(out_dir, models: str = "d", workers: int = 0, verbose: bool = True) -> dict:
+    """The real part of ``make demo``: every Oetztal outline with the published ``models``
+    (:func:`run_region` on :func:`oetztal_sources`)."""
+    return run_region(out_dir, oetztal_sources(), RegionOptions(monthly_climate=True, models=models),
+                      workers=workers, verbose=verbose)
 
 
 if __name__ == "__main__":  # pragma: no cover
