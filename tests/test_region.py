@@ -158,6 +158,7 @@ def test_region_glacier_equals_prepare_and_infer(region, tmp_path):
 
 def test_two_dask_workers_give_the_same_product(region, outlines, tmp_path):
     import dask
+    import distributed  # noqa: F401  (registers its configuration defaults)
 
     assert dask.config.get("distributed.worker.multiprocessing-method") == "spawn"
     out = tmp_path / "w2"

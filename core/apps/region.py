@@ -449,6 +449,12 @@ def infer_task(out_dir: str, model: str, params: str, names: list[str], keys: di
     from dataloader import Dataset
 
     jax.config.update("jax_default_matmul_precision", "float32")  # as core.cli.main_wrapper does
+    # Each task is one independent process's work: never a jax.distributed group, even inside
+    # a SLURM job whose variables would start one (core.distributed.setup).
+    os.environ["GLAUNTI_DISTRIBUTED"] = "0"
+    if _on_dask_worker():
+        # A Dask worker is one thread; Dask spreads the classes over workers, not XLA over cores.
+        os.environ.setdefault("GLAUNTI_CPU_DEVICES", "1")
     out_dir = Path(out_dir)
     todo = [n for n in names if not _summary_fresh(_summary_path(out_dir, model, n), keys[n])]
     if todo:
@@ -477,6 +483,16 @@ def infer_task(out_dir: str, model: str, params: str, names: list[str], keys: di
         with np.load(_summary_path(out_dir, model, name)) as z:
             out.append({"id": name, "mean_annual": float(np.mean(z["annual"]))})
     return out
+
+
+def _on_dask_worker() -> bool:
+    try:
+        from distributed import get_worker
+
+        get_worker()
+    except (ImportError, ValueError):
+        return False
+    return True
 
 
 def _summary_fresh(path: Path, key: str) -> bool:
@@ -1065,6 +1081,16 @@ def run_region(out_dir, sources: RegionSources, options: RegionOptions = RegionO
     plot_region(out_dir / "region.png", out_dir, Path(sources.outlines), names, comparisons, options.models)
     seconds["assemble"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
+    with np.load(_summary_path(out_dir, options.models[0], names[0])) as z:
+        n_days, n_years = len(z["daily"]), len(z["years"])
+    work = {"glaciers": len(names), "skipped": len(skipped), "models": options.models,
+            "workers": workers, "scheduler": bool(scheduler),
+            # Study-period work of every model (the spin-up years come on top: 5 of 29 here).
+            "glacier_years": len(names) * n_years * len(options.models),
+            "cell_days": sum(prepared[n]["grid"]["height"] * prepared[n]["grid"]["width"] for n in names)
+            * n_days * len(options.models),
+            "seconds": {k: round(v, 2) for k, v in seconds.items()}}
+    atomic_write_json(out_dir / "timings.json", work)
     text = wgms_table(comparisons, options.models)
     done_area = float(table.loc[table.status == "done", "area_km2"].sum())
     rgi_area = float(table.loc[table.status == "done", "outline_area_km2"].sum())
