@@ -207,3 +207,22 @@ def test_bad_shared_input_stops_at_once(outlines, tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "srtm_oetztal.tif" in last
     assert not (tmp_path / "out" / "data").exists()
+
+
+def test_selection_within_the_rofental_and_wgms_links():
+    from core.apps.region import RegionOptions, oetztal_sources, select_outlines
+
+    everything = select_outlines(oetztal_sources(), RegionOptions())
+    assert len(everything) == 20
+    rofental = {o["id"]: o for o in select_outlines(oetztal_sources(within_rofental=True), RegionOptions())}
+    assert len(rofental) == 9  # the catchment's README: 9 centroids inside, 36 km² of glacier
+    assert abs(sum(o["outline_area_km2"] for o in rofental.values()) - 36) < 1
+    assert {"RGI50-11.00897", "RGI50-11.00787", "RGI50-11.00719_d01", "RGI50-11.00719_d02"} <= set(rofental)
+    hintereis = rofental["RGI50-11.00897"]
+    assert hintereis["wgms_id"] == 491 and hintereis["glacier_wide"].endswith("mbdata_WGMS-00491.csv")
+    assert hintereis["profile"].endswith("profile_WGMS-00491.csv")
+    # Vernagtferner: one WGMS glacier (489), two RGI 5 outlines, compared as their area-weighted sum.
+    for part in ("RGI50-11.00719_d01", "RGI50-11.00719_d02"):
+        assert rofental[part]["wgms_part_of"] == "RGI50-11.00719" and "glacier_wide" not in rofental[part]
+    small = select_outlines(oetztal_sources(), RegionOptions(min_area_km2=5.0))
+    assert all(o["outline_area_km2"] >= 5.0 for o in small) and 0 < len(small) < 20

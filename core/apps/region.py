@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -580,8 +581,10 @@ class Runner:
                 # JAX runs threads of its own: a forked child of a process that started them
                 # can deadlock, so workers are spawned (Dask's default, made explicit).
                 dask.config.set({"distributed.worker.multiprocessing-method": "spawn"})
+                # silence_logs: the nanny's notes (e.g. that it ends a worker still running JAX's
+                # threads at shutdown) are not the user's concern; errors still show.
                 self.cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
-                                            dashboard_address=None)
+                                            dashboard_address=None, silence_logs=logging.ERROR)
                 self.client = Client(self.cluster)
         return self
 
@@ -663,10 +666,14 @@ def _wgms_comparisons(out_dir: Path, outlines: list[dict], done: set[str], model
         if "reason" in entry:
             out.append(entry)
             continue
+        with np.load(_summary_path(out_dir, models[0], ids[0])) as z:
+            modelled_years = (int(z["years"][0]), int(z["years"][-1]))
         try:
-            observed, _ = read_glacier_wide(mbdata, first_year, last_year if last_year is not None else 9999)
-        except DataError as error:  # records outside the modelled period: nothing to compare
-            entry["reason"] = one_line(error).split(": ", 1)[-1]
+            observed, _ = read_glacier_wide(mbdata, first_year, modelled_years[1])
+        except DataError:  # records outside the modelled period: nothing to compare
+            ended = _records_end(mbdata)
+            entry["reason"] = (f"no WGMS year within the modelled {modelled_years[0]}–{modelled_years[1]}"
+                               + (f" (records end in {ended})" if ended is not None else ""))
             out.append(entry)
             continue
         observed = dict(zip(observed["year"].astype(int), observed["annual_balance"].astype(float)))
@@ -944,7 +951,8 @@ def plot_region(path: Path, out_dir: Path, outlines_path: Path, done: list[str],
         field = src.read(1, out_shape=(src.height // step, src.width // step), masked=True).filled(np.nan)
         b = src.bounds
         crs = src.crs
-    limit = float(np.nanmax(np.abs(field))) if np.isfinite(field).any() else 1.0
+    # The colour scale of most cells: a few cells of a steep tongue would wash out the rest.
+    limit = float(np.nanpercentile(np.abs(field), 99)) if np.isfinite(field).any() else 1.0
     image = ax_map.imshow(field, cmap="RdBu", vmin=-limit, vmax=limit, extent=(b.left, b.right, b.bottom, b.top))
     frame = pyogrio.read_dataframe(outlines_path)
     id_column = next(c for c in frame.columns if frame[c].astype(str).isin(done).any())
@@ -980,7 +988,8 @@ def plot_region(path: Path, out_dir: Path, outlines_path: Path, done: list[str],
     ax_wgms.set_xlabel("WGMS annual balance (m w.e.)")
     ax_wgms.set_ylabel(f"model {models[-1].upper()} (m w.e.)")
     ax_wgms.set_title("WGMS glaciers, observed against modelled", fontsize=10)
-    ax_wgms.legend(fontsize=7)
+    if ax_wgms.get_legend_handles_labels()[0]:
+        ax_wgms.legend(fontsize=7)
     ax_wgms.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
