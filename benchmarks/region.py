@@ -34,7 +34,7 @@ def one(out_dir: str, models: str, workers: int) -> dict:
     sys.path.insert(0, str(REPO))
     from core.apps.region import run_oetztal
 
-    run_oetztal(out_dir, models=models, workers=workers, verbose=False)
+    run_oetztal(out_dir, models=models, workers=workers, verbose=False)  # workers=0: this process
     result = json.loads((Path(out_dir) / "timings.json").read_text())
     result["peak_rss_mb_main"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # Workers are reaped when the cluster closes: the largest of them.
