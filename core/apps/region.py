@@ -1138,8 +1138,8 @@ def oetztal_sources(within_rofental: bool = False) -> RegionSources:
 def run_oetztal(out_dir, models: str = "d", workers: int | None = None, verbose: bool = True) -> dict:
     """The real part of ``make demo``: every Oetztal outline with the published ``models``
     (:func:`run_region` on :func:`oetztal_sources`). ``workers`` None: a local Dask cluster of
-    two workers where there are two cores (cold on 2 cores: 238 s against 568 s in one process,
-    docs/performance.md), else this process."""
+    two workers where there are two cores (in one process a shape class runs at a time, on one
+    device; docs/performance.md), else this process."""
     if workers is None:
         workers = 2 if (os.cpu_count() or 1) >= 2 else 0
     return run_region(out_dir, oetztal_sources(), RegionOptions(monthly_climate=True, models=models),
