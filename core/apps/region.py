@@ -416,16 +416,15 @@ def write_index(out_dir: Path, prepared: list[dict]) -> None:
 # 3. Inference (a task per shape class)
 # ---------------------------------------------------------------------------------------------
 
-def shape_classes(data_folder: Path, names: list[str], model_name: str) -> list[list[str]]:
+def shape_classes(data_folder: Path, names: list[str], model_name: str, params: str) -> list[list[str]]:
     """The glaciers in groups that share a compiled function: the shape classes of the CPU plan
     of the whole set (``core.data.GlacierSet``). The plan depends on the glaciers only, so the
     groups, and each glacier's numbers, are the same for any number of workers."""
     from core.data import GlacierSet
     from core.models import load_model, uses_facies
-    from core.run import resolve_params_path
     from dataloader import Dataset
 
-    layout = inference_layout(load_model(model_name, resolve_params_path(model_name, None)))
+    layout = inference_layout(load_model(model_name, params))
     if layout is None:
         return [[n] for n in names]
     glacier_set = GlacierSet(Dataset(data_folder), names, uses_facies(model_name), layout=layout,
@@ -1069,7 +1068,7 @@ def run_region(out_dir, sources: RegionSources, options: RegionOptions = RegionO
         for model in options.models:
             params = region_manifest["models"][model]["params"]
             keys = {n: _key([prepared[n]["key"], model, region_manifest["models"][model]["sha256"]]) for n in names}
-            classes = shape_classes(out_dir / "data", names, model)
+            classes = shape_classes(out_dir / "data", names, model, params)
             _say(verbose, f"model {model.upper()}: {len(names)} glaciers in {len(classes)} shape classes")
             for group in runner.map(infer_task, [(str(out_dir), model, params, c, {n: keys[n] for n in c},
                                                   latitudes, options.maps) for c in classes],
