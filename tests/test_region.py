@@ -226,3 +226,15 @@ def test_selection_within_the_rofental_and_wgms_links():
         assert rofental[part]["wgms_part_of"] == "RGI50-11.00719" and "glacier_wide" not in rofental[part]
     small = select_outlines(oetztal_sources(), RegionOptions(min_area_km2=5.0))
     assert all(o["outline_area_km2"] >= 5.0 for o in small) and 0 < len(small) < 20
+
+
+def test_help_and_conflicting_options(outlines, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_help:
+        run_region.main(["--help"])
+    assert exit_help.value.code == 0 and "--within" in capsys.readouterr().out
+    argv = region_argv(tmp_path / "out", outlines, "--workers", "2", "--scheduler", "tcp://127.0.0.1:1")
+    assert run_region.main(argv) == 2
+    assert "not both" in capsys.readouterr().err
+    assert run_region.main(region_argv(tmp_path / "out", outlines, "--models", "dx")) == 2
+    assert "--models" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
