@@ -1,7 +1,7 @@
 # Two commands on a fresh machine:
 #   make demo   create .venv, install, generate the synthetic twin, train A->B->C->D,
-#               evaluate every test glacier and print the summary table; then prepare the
-#               bundled real glacier (Hintereisferner) and run the published A, C, D on it
+#               evaluate every test glacier and print the summary table; then run every
+#               glacier of the bundled real Oetztal region (published D) against WGMS
 #   make test   run the test suite in the same environment
 PYTHON ?= python3
 VENV := .venv

@@ -255,6 +255,7 @@ REVIEWED = {
     "dataloader/synthetic/generator.py",  # the twin: built in a temporary folder and renamed
     "dataloader/layout.py",  # (called by synthetic/generator.py and prepare/glacier.py on temporary folders)
     "dataloader/prepare/glacier.py",  # the glacier: built in a temporary folder and renamed
+    "core/apps/region.py",  # every product file inside core.io.atomic_path
 }
 
 

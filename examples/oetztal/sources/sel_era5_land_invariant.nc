@@ -1,0 +1,1 @@
+../../hintereisferner/sources/sel_era5_land_invariant.nc

@@ -1,0 +1,1 @@
+../../hintereisferner/sources/sel_era5_land_monthly_prcp_1981-2018.nc

@@ -1,0 +1,1 @@
+../../hintereisferner/sources/sel_era5_land_monthly_t2m_1981-2018.nc
