@@ -561,9 +561,10 @@ def train(
             if main:
                 save_params(eqx.combine(state.best_trainable, static), config.params_path)
         # An epoch's time is its own work: its gradient and step (``own``), plus the part of its
-        # validation the next gradient did not hide (the wait above) and this bookkeeping. So the
+        # validation the next gradient did not hide (the wait above) and the saving above. So the
         # last epoch, with no next gradient, carries its whole validation, and the times of all
-        # epochs add up to the loop's wall time (docs/performance.md, "epoch_time_s").
+        # epochs add up to the loop's wall time but for the file writing below (docs/performance.md,
+        # "epoch_time_s").
         elapsed = own + time.perf_counter() - t_close
         log.set_epoch_time(epoch, elapsed)
         if main:
