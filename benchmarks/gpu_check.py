@@ -136,17 +136,22 @@ def main(argv=None) -> dict:
         benchmark._parse(["--preset", preset["twin"]]))
     generated_s = time.perf_counter() - t0
     report = {"preset": args.preset, "settings": preset, "dataset": str(folder), "twin_ready_s": generated_s}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+
+    def write():  # after each part, so that a run stopped by a time limit keeps what it measured
+        report["total_s"] = time.perf_counter() - t0
+        Path(args.json).write_text(json.dumps(report, indent=1))
+
     report["device"] = _run("device", preset, folder, cpu=False)
     first = next(iter(report["device"]["models"].values()))
     report["device_kind"] = first.get("device_kind")
     report["on_accelerator"] = not str(first.get("device_kind", "cpu")).lower().startswith("cpu") and \
         "cpu" not in str(first.get("devices", ["cpu"])[0]).lower()
+    write()
     if not args.no_cpu:
         report["cpu"] = _run("cpu", preset, folder, cpu=True)
         report["device_over_cpu"] = _ratios(report["device"], report["cpu"])
-    report["total_s"] = time.perf_counter() - t0
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=1))
+        write()
     print(f"device: {report['device_kind']} (accelerator: {report['on_accelerator']}); total {report['total_s']:.0f} s")
     for model, row in report["device"]["models"].items():
         print(f"  {model}: compile {row['compile_s']:.1f} s, first epoch {row['first_epoch_s']:.2f} s, "
