@@ -24,9 +24,13 @@ per second of a steady epoch and glacier-years per second of the batched inferen
 compiling pass). Presets:
 
 - ``gpu`` (default): bench twin (32 glaciers, 20 training, up to 100×150), 2 steady epochs,
-  inference of 20 glaciers; CPU: 2 training glaciers, 1 steady epoch, 2 inference glaciers.
-  Sized for under 8 minutes on one H100 (not measured yet: no device was lent when it was
-  written; C's GPU compile is the unknown).
+  inference of 20 glaciers; CPU: 1 training glacier, 1 steady epoch, 1 inference glacier.
+  Meant for under 8 minutes on one H100, not yet measured there (no device was lent when it
+  was written). Known parts: generating the twin on the bare machine (133 CPU-s on the
+  development VM), the CPU part (A and C on 2 bench glaciers: 428 s wall on 2 loaded cores,
+  so ~1 glacier on 16 free cores should take well under that). Unknown: C's GPU compiles.
+  The GPU part runs first and the JSON is written after each part: give the command a time
+  limit of ~9 minutes and a stopped CPU part still leaves the GPU figures.
 - ``ci``: tiny twin, model A only, 1 training glacier, 1 steady epoch, 2 inference glaciers,
   both runs on this machine's default device (tens of seconds on a CPU): it keeps the script
   working (``tests/test_benchmark.py``).
@@ -48,8 +52,10 @@ if str(REPO) not in sys.path:
 
 PRESETS = {
     # twin, models, steady epochs, training glaciers (None: all), inference glaciers, then the CPU's
+    # The CPU part is kept small: on 2 loaded cores A and C on 2 bench glaciers took 428 s (C's
+    # compiles 214 s); the twin's generation on the bare machine is another ~2 min.
     "gpu": dict(twin="bench", models="ac", epochs=2, glaciers=None, infer=20,
-                cpu_epochs=1, cpu_glaciers=2, cpu_infer=2),
+                cpu_epochs=1, cpu_glaciers=1, cpu_infer=1),
     # A only: C's compiles alone take ~40 s per run on 2 cores; its code path is benchmark.py's.
     "ci": dict(twin="tiny", models="a", epochs=1, glaciers=1, infer=2,
                cpu_epochs=1, cpu_glaciers=1, cpu_infer=2),
