@@ -69,6 +69,9 @@ def _parse(argv=None):
                    help="Expose N CPU devices (default: one per core, at most 8)")
     p.add_argument("--cache", action="store_true", help="Use the persistent compilation cache")
     p.add_argument("--no_inference", action="store_true", help="Skip the inference timing")
+    p.add_argument("--infer_glaciers", type=int, default=0,
+                   help="Also time the batched inference (daily series, not written) of the first N "
+                        "glaciers of the dataset, as the cross-validation runs it (default 0: not)")
     p.add_argument("--layout", default=None, choices=("exact", "padded", "padded_grid", "cells"),
                    help="Override the training layout ('exact' = the engine before bucketing/packing)")
     p.add_argument("--batch_bytes", type=int, default=None,
@@ -221,6 +224,9 @@ def worker(args) -> dict:
                        "inference_s_per_glacier_year": wall / n_years,
                        "inference_cpu_s_per_glacier_year": (_cpu_seconds() - c0) / n_years})
 
+    if args.infer_glaciers:
+        result.update(batched_inference(model, dataset, dataset.names[: args.infer_glaciers], uses_facies(name)))
+
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the copy test
     bandwidth, how = _bandwidth(jax, jnp)
     forcing_bytes = 8 * computed_cell_days  # T and P as float32, once per stepped cell-day
@@ -235,6 +241,34 @@ def worker(args) -> dict:
         "processes": jax.process_count(),
     })
     return result
+
+
+def batched_inference(model, dataset, names, facies: bool) -> dict:
+    """Seconds of the daily-series inference of ``names`` in batches (``core.execute.sets`` plan of this
+    machine, as ``core.workflows`` infers a fold; the series are fetched to the host, not written):
+    a first pass (compiles) and a second one."""
+    import numpy as np
+
+    from core.execute.sets import GlacierSet
+    from core.infer.runner import batch_series
+
+    glaciers = GlacierSet(dataset, names, facies)
+    plan = glaciers.batches()
+
+    def one_pass() -> tuple[float, float, int]:
+        c0, t0, years = _cpu_seconds(), time.perf_counter(), 0
+        for _, batch, arrays in glaciers.iter_batches([(b, None) for b in range(len(plan))]):
+            tensors = [dataset.glacier(names[i]) for i in batch.indices]
+            for _, series in batch_series(model, arrays, tensors, verbose=False):
+                np.asarray(series)  # on the host, as the writer needs it
+                years += len(batch.indices)
+        return time.perf_counter() - t0, _cpu_seconds() - c0, years
+
+    first, _, _ = one_pass()
+    wall, cpu, years = one_pass()
+    return {"batched_inference_glaciers": len(names), "batched_inference_batches": len(plan),
+            "batched_inference_first_s": first, "batched_inference_s": wall,
+            "batched_inference_cpu_s": cpu, "batched_inference_glacier_years": years}
 
 
 def _machine() -> dict:
@@ -286,6 +320,7 @@ def main(argv=None) -> int:
                 cmd += [flag, str(value)]
         cmd += ["--cache"] if args.cache else []
         cmd += ["--no_inference"] if args.no_inference else []
+        cmd += ["--infer_glaciers", str(args.infer_glaciers)] if args.infer_glaciers else []
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         print(f"model {model} ...", flush=True)
         out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

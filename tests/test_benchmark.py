@@ -36,3 +36,26 @@ def test_benchmark_runs_and_writes_json(tiny_twin, tmp_path):
     assert [len(b) for b in result["batches"]["train"]] == [1]
     gpu = result["gpu_plan"]  # planned, not run
     assert gpu["glacier_day_steps"] == result["glacier_day_steps"] >= gpu["sequential_day_steps"] > 0
+
+
+def test_gpu_check_runs_on_cpu_and_writes_one_json(tiny_twin, tmp_path):
+    """The GPU check's CI preset (benchmarks/gpu_check.py --preset ci): both of its runs (the
+    default device, then the CPU forced) and the ratios land in one JSON."""
+    out = tmp_path / "check.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--preset", "ci", "--data_folder",
+         str(tiny_twin), "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["device_kind"] and report["on_accelerator"] is False  # CI has no accelerator
+    for run in ("device", "cpu"):
+        (row,) = report[run]["models"].values()
+        assert row["model"] == "a" and row["devices"] and row["device_kind"]
+        for key in ("compile_s", "first_epoch_s", "epoch_s", "sequential_day_steps", "cell_days_per_s",
+                    "batched_inference_s", "gpu_plan_sequential_day_steps"):
+            assert row[key] > 0, (run, key)
+        assert row["batched_inference_glaciers"] == 2 and "peak_device_mb" in row
+    assert report["cpu"]["models"]["a"]["device_kind"].lower() == "cpu"
+    assert set(report["device_over_cpu"]["a"]) == {"epoch_cell_days_per_s", "inference_glacier_years_per_s"}

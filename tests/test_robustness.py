@@ -413,6 +413,43 @@ def test_overlapped_validation_changes_no_number(small, tmp_path, monkeypatch):
     assert {r[0][1] for r in _rows(tmp_path / "overlapped" / "a.csv")} == {"0", "1", "2", "3"}
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_epoch_time_is_the_epochs_own_work(small, tmp_path, monkeypatch, overlap):
+    """``epoch_time_s`` holds the epoch's own gradient (and its validation where nothing hides
+    it), not the next epoch's gradient. A fake clock that only the gradient (and validation in
+    turn) advance makes the figures exact: epoch e's gradient "takes" 10·e s, a validation in
+    turn 1 s. With overlap the validation advances no clock (its time is hidden behind the
+    next gradient here). The earlier bookkeeping (time between two closings) gave epoch e the
+    (e+1)-th gradient and the last epoch about 0 s."""
+    clock = [0.0]
+    monkeypatch.setattr(core.train.loop, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    monkeypatch.setattr(core.train.loop, "overlaps_validation", lambda placement: overlap)
+    real_gradient, real_evaluate = core.train.loop.epoch_gradient, core.train.loop.evaluate_glaciers
+
+    def gradient(value_and_grad, trainable, static, train_set, placement=None, epoch=0, **kw):
+        out = real_gradient(value_and_grad, trainable, static, train_set, placement, epoch, **kw)
+        clock[0] += 10.0 * epoch
+        return out
+
+    def evaluate(fn, trainable, static, glacier_set, with_grad, *args, **kw):
+        out = real_evaluate(fn, trainable, static, glacier_set, with_grad, *args, **kw)
+        if not with_grad and not overlap:
+            clock[0] += 1.0
+        return out
+
+    monkeypatch.setattr(core.train.loop, "epoch_gradient", gradient)
+    monkeypatch.setattr(core.train.loop, "evaluate_glaciers", evaluate)
+    log = tmp_path / "a.csv"
+    assert train_a.main(["--data_folder", str(small), "--epochs", "3", "--learning_rate", "0.05", "--quiet",
+                         "--params_path", str(tmp_path / "a.eqx"), "--log_path", str(log)]) == 0
+    times = {}
+    for r in csv.DictReader(open(log)):
+        if r["epoch"] != "0":
+            times.setdefault(int(r["epoch"]), set()).add(float(r["epoch_time_s"]))
+    validation = 0.0 if overlap else 1.0
+    assert times == {e: {10.0 * e + validation} for e in (1, 2, 3)}
+
+
 def test_params_that_produce_nan_stop_finetuning(tiny_twin, tmp_path, capsys):
     """Finite but absurd parameters (precipitation scale e^60 overflows float32): the first
     training pass already fails (fine-tuning has no epoch-0 validation, as published), naming the

@@ -436,21 +436,27 @@ def train(model, train_set: Glaciers, val_set: Glaciers, config: TrainConfig):
                 state.save(ckpt)
 
     pool = ThreadPoolExecutor(1, thread_name_prefix="validation") if overlap else None
-    pending = None  # the epoch waiting for its validation: (epoch, results, future or value)
-    last_closed = time.perf_counter()
+    # The epoch waiting for its validation: (epoch, results, future or value, seconds so far).
+    pending = None
 
-    def close_epoch():
-        """Record the pending epoch: its validation loss, best parameters, log and checkpoint."""
-        nonlocal pending, last_closed
-        epoch, results, val = pending
+    def close_epoch() -> float:
+        """Record the pending epoch: its validation loss, best parameters, log and checkpoint.
+        Returns the seconds this took (they belong to the closed epoch, not the running one)."""
+        nonlocal pending
+        t_close = time.perf_counter()
+        epoch, results, val, own = pending
         pending = None
         val = val.result() if hasattr(val, "result") else val
         if val < state.best_val:
             state.best_val, state.best_epoch, state.best_trainable = val, epoch, state.trainable
             if main:
                 save_model(eqx.combine(state.best_trainable, static), config.params_path)
-        now = time.perf_counter()
-        elapsed, last_closed = now - last_closed, now  # with overlap: the epoch's share of the time
+        # An epoch's time is its own work: its gradient and step (``own``), plus the part of its
+        # validation the next gradient did not hide (the wait above) and the saving above. So the
+        # last epoch, with no next gradient, carries its whole validation, and the times of all
+        # epochs add up to the loop's wall time but for the file writing below (docs/performance.md,
+        # "epoch_time_s").
+        elapsed = own + time.perf_counter() - t_close
         log.set_epoch_time(epoch, elapsed)
         if main:
             log.flush()
@@ -459,15 +465,17 @@ def train(model, train_set: Glaciers, val_set: Glaciers, config: TrainConfig):
         bar.set_postfix(train=f"{sum(r.loss for r in results):.4f}", val=f"{val:.4f}",
                         best=f"{state.best_val:.4f}@{state.best_epoch}", s=f"{elapsed:.2f}")
         bar.update(1)
+        return time.perf_counter() - t_close
 
     bar = tqdm(total=config.epochs, initial=state.epoch, desc=f"training {config.params_path.stem}",
                disable=not (config.show_progress and main))
     try:
         for epoch in range(state.epoch + 1, config.epochs + 1):
+            started, closing = time.perf_counter(), 0.0
             grads, results = epoch_gradient(value_and_grad, state.trainable, static, train_set, placement,
                                             epoch, verbose=config.show_progress)
             if pending is not None:
-                close_epoch()
+                closing = close_epoch()  # the last epoch's: not this one's time
             for r in results:
                 log.add(log_row(epoch, r.name, "train", r.loss, r.terms, None))
             before = state.trainable
@@ -476,10 +484,12 @@ def train(model, train_set: Glaciers, val_set: Glaciers, config: TrainConfig):
             state.opt_state = opt_state
             state.epoch = epoch
             if pool is None:
-                pending = (epoch, results, validate(state.trainable, epoch, None, before))
+                val = validate(state.trainable, epoch, None, before)
+                pending = (epoch, results, val, time.perf_counter() - started - closing)
                 close_epoch()
             else:
-                pending = (epoch, results, pool.submit(validate, state.trainable, epoch, None, before, val_placement))
+                val = pool.submit(validate, state.trainable, epoch, None, before, val_placement)
+                pending = (epoch, results, val, time.perf_counter() - started - closing)
         if pending is not None:
             close_epoch()
     finally:
