@@ -1,5 +1,7 @@
-"""Glaciers as device arrays for calibration and inference, streamed from the tensor cache,
-one at a time or in batches of glaciers that share one shape bucket."""
+"""The sets of glaciers that training, validation and inference run (the :class:`Glaciers`
+protocol): a dataset's glaciers planned into batches of one shape and streamed from the tensor
+cache (:class:`GlacierSet`), or arrays already made (:class:`GlacierList`); the batching plan
+(shape classes on a CPU, coarse buckets on a GPU) and the device each batch runs on."""
 
 from __future__ import annotations
 
