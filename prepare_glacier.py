@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import constants
-from core.apps.cli import main_wrapper
+from core.apps.cli import add_balance_years, add_climate_sources, main_wrapper
 
 
 def _year_file(text: str) -> tuple[int, Path]:
@@ -53,14 +53,7 @@ def parser() -> argparse.ArgumentParser:
                          help="ICEmapper probability GeoTIFFs, one per year")
     outline.add_argument("--outline_threshold", type=float, default=0.5,
                          help="Glacier probability from which an ICEmapper cell is glacier (default 0.5)")
-    p.add_argument("--dem", type=Path, required=True, help="DEM GeoTIFF (any CRS and resolution)")
-    climate = p.add_argument_group("climate (ERA5-Land or any CF NetCDF on a lat/lon grid)")
-    climate.add_argument("--temperature", type=Path, required=True, help="2 m temperature (K or °C)")
-    climate.add_argument("--precipitation", type=Path, required=True, help="Total precipitation (m)")
-    climate.add_argument("--orography", type=Path, required=True,
-                         help="Reanalysis orography: geopotential (m2 s-2) or height (m)")
-    climate.add_argument("--monthly_climate", action="store_true",
-                         help="Accept monthly means and disaggregate them to days (an approximation)")
+    add_climate_sources(p)
     obs = p.add_argument_group("observations (optional)")
     obs.add_argument("--glacier_wide", type=Path,
                      help="Glacier-wide balances: published total_smb.csv or WGMS/OGGM mbdata CSV")
@@ -69,9 +62,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--facies", nargs="+", type=_facies_scene, default=[], metavar="DATE=CLASSES.tif[,CONF.tif]",
                    help="Facies-classifier GeoTIFFs (and confidence), one per scene")
     years = p.add_argument_group("years and seasons")
-    years.add_argument("--first_year", type=int, default=constants.initialisation_period_start_year,
-                       help="First balance year (the published spin-up starts in 1990)")
-    years.add_argument("--last_year", type=int, help="Last balance year (default: the last the climate covers)")
+    add_balance_years(years)
     years.add_argument("--balance_year_dates", metavar="MM-DD,MM-DD,MM-DD",
                        help="Begin, midseason and end of the balance year where the observations give "
                             "no dates (default: the hydrological year of the hemisphere)")

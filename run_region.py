@@ -16,8 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import constants
-from core.apps.cli import main_wrapper, non_negative_int
+from core.apps.cli import add_balance_years, add_climate_sources, main_wrapper, non_negative_int
 
 
 def _model_params(text: str) -> tuple[str, Path]:
@@ -32,14 +31,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", type=Path, help="Product folder (created; a rerun continues it)")
     p.add_argument("--outlines", type=Path, required=True,
                    help="Vector file of outlines (any CRS); each outline is one glacier, named by its id")
-    p.add_argument("--dem", type=Path, required=True, help="DEM GeoTIFF (any CRS and resolution)")
-    climate = p.add_argument_group("climate (ERA5-Land or any CF NetCDF on a lat/lon grid)")
-    climate.add_argument("--temperature", type=Path, required=True, help="2 m temperature (K or °C)")
-    climate.add_argument("--precipitation", type=Path, required=True, help="Total precipitation (m)")
-    climate.add_argument("--orography", type=Path, required=True,
-                         help="Reanalysis orography: geopotential (m2 s-2) or height (m)")
-    climate.add_argument("--monthly_climate", action="store_true",
-                         help="Accept monthly means and disaggregate them to days (an approximation)")
+    add_climate_sources(p)
     selection = p.add_argument_group("selection (default: every outline of the file)")
     selection.add_argument("--outline_id", action="append", default=[],
                            help="Only this outline (repeatable)")
@@ -55,9 +47,7 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("--params_path", action="append", type=_model_params, default=[], metavar="MODEL=FILE",
                         help="Calibrated weights of a model (default: the published weights)")
     years = p.add_argument_group("years and grid")
-    years.add_argument("--first_year", type=int, default=constants.initialisation_period_start_year,
-                       help="First balance year (the published spin-up starts in 1990)")
-    years.add_argument("--last_year", type=int, help="Last balance year (default: the last the climate covers)")
+    add_balance_years(years)
     years.add_argument("--epsg", type=int,
                        help="CRS of every glacier grid and of the mosaic (default: UTM zones)")
     years.add_argument("--margin_m", type=float, default=500.0,

@@ -156,35 +156,18 @@ def read_glacier(
     glacier_wide[~seasonal, 1:] = np.nan
 
     return T.GlacierTensors(
-        name=info.name,
-        wgms_name=info.wgms_name,
-        region=info.region,
-        fold=info.fold,
-        max_year=info.max_year,
-        x=grid.x,
-        y=grid.y,
-        crs_wkt=grid.crs_wkt,
-        first_date=first_date,
-        temperature_2m=temperature_2m,
-        precipitation=precipitation,
-        climate_cell=climate_cell,
-        years=years,
-        study=years >= constants.study_period_start_year,
-        lapse_offset=lapse_offset,
-        outlines=outlines,
-        elevation=elevation,
-        elevation_std=elevation_std,
-        facies=facies,
-        has_facies=has_facies,
-        climate_monthly=climate_monthly,
-        n_months=n_months,
-        seasonal=seasonal,
-        begin_day=begin_day,
-        mid_day=mid_day,
-        end_day=end_day,
-        **blocks,
-        glacier_wide=glacier_wide,
-        **stakes,
+        # identity, grid and calendar
+        name=info.name, wgms_name=info.wgms_name, region=info.region, fold=info.fold, max_year=info.max_year,
+        x=grid.x, y=grid.y, crs_wkt=grid.crs_wkt, first_date=first_date,
+        # climate
+        temperature_2m=temperature_2m, precipitation=precipitation, climate_cell=climate_cell,
+        climate_monthly=climate_monthly, n_months=n_months, lapse_offset=lapse_offset,
+        # years and their geometry
+        years=years, study=years >= constants.study_period_start_year, outlines=outlines,
+        elevation=elevation, elevation_std=elevation_std, facies=facies, has_facies=has_facies,
+        # periods and observations
+        seasonal=seasonal, begin_day=begin_day, mid_day=mid_day, end_day=end_day, **blocks,
+        glacier_wide=glacier_wide, **stakes,
     )
 
 

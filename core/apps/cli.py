@@ -19,6 +19,30 @@ def add_data_folder(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_climate_sources(parser: argparse.ArgumentParser) -> None:
+    """The DEM and reanalysis options of ``prepare_glacier.py`` and ``run_region.py`` (one
+    meaning for both)."""
+    from pathlib import Path
+
+    parser.add_argument("--dem", type=Path, required=True, help="DEM GeoTIFF (any CRS and resolution)")
+    climate = parser.add_argument_group("climate (ERA5-Land or any CF NetCDF on a lat/lon grid)")
+    climate.add_argument("--temperature", type=Path, required=True, help="2 m temperature (K or °C)")
+    climate.add_argument("--precipitation", type=Path, required=True, help="Total precipitation (m)")
+    climate.add_argument("--orography", type=Path, required=True,
+                         help="Reanalysis orography: geopotential (m2 s-2) or height (m)")
+    climate.add_argument("--monthly_climate", action="store_true",
+                         help="Accept monthly means and disaggregate them to days (an approximation)")
+
+
+def add_balance_years(group) -> None:
+    """``--first_year`` and ``--last_year`` of a glacier prepared from public sources."""
+    import constants
+
+    group.add_argument("--first_year", type=int, default=constants.initialisation_period_start_year,
+                       help="First balance year (the published spin-up starts in 1990)")
+    group.add_argument("--last_year", type=int, help="Last balance year (default: the last the climate covers)")
+
+
 def expected_errors() -> tuple[type[BaseException], ...]:
     from core.evaluate.summary import SummaryError
     from core.io import OutputError

@@ -96,6 +96,16 @@ def mean_annual_smb(smb_path: Path, data_folder: Path, name: str) -> tuple[np.nd
     return field, np.asarray(tensors.x), np.asarray(tensors.y)
 
 
+def finish_annual_series(ax, ylabel: str, title: str) -> None:
+    """The look of an annual-balance series panel (this figure's and the region's)."""
+    ax.axhline(0, color="0.6", lw=0.6)
+    ax.set_xlabel("balance year")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+
 def plot(evaluations: dict[str, dict], out_dir: Path, data_folder: Path, name: str) -> Path:
     """Left: the last model's mean annual SMB map; right: annual glacier-wide balances, WGMS
     against each model."""
@@ -127,12 +137,8 @@ def plot(evaluations: dict[str, dict], out_dir: Path, data_folder: Path, name: s
             ax_series.plot(years, observed, "k-o", ms=4, lw=1.6, label="WGMS")
         pred = [per_year[str(y)]["pred"][0] for y in years]
         ax_series.plot(years, pred, "-o", ms=3, lw=1, label=label(model, facies_maps))
-    ax_series.axhline(0, color="0.6", lw=0.6)
-    ax_series.set_xlabel("balance year")
-    ax_series.set_ylabel("glacier-wide annual balance (m w.e.)")
-    ax_series.set_title("published weights against WGMS (no calibration on this glacier)", fontsize=10)
-    ax_series.legend(fontsize=8)
-    ax_series.grid(alpha=0.3)
+    finish_annual_series(ax_series, "glacier-wide annual balance (m w.e.)",
+                         "published weights against WGMS (no calibration on this glacier)")
     fig.tight_layout()
     path = out_dir / f"{name}.png"
     with atomic_path(path) as tmp:

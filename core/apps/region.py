@@ -43,6 +43,7 @@ import pandas as pd
 
 import constants
 from core.apps.cli import one_line
+from core.apps.own_glacier import finish_annual_series
 from core.evaluate.metrics import metrics, season_window
 from core.io import atomic_path, atomic_write_json, atomic_write_text
 from core.models import published_params_path
@@ -113,18 +114,6 @@ def _say(verbose: bool, text: str) -> None:
 # 1. Selection
 # ---------------------------------------------------------------------------------------------
 
-def _read_vector(path: Path):
-    import pyogrio
-
-    try:
-        frame = pyogrio.read_dataframe(path)
-    except Exception as error:  # pyogrio raises several GDAL-level types
-        raise DataError(path, None, f"could not be read as a vector file ({error})") from error
-    if frame.crs is None:
-        raise DataError(path, None, "has no CRS (missing .prj or CRS definition), expected one")
-    return frame
-
-
 def _field(frame, candidates, path, what) -> str:
     for column in candidates:
         if column in frame.columns:
@@ -162,10 +151,10 @@ def select_outlines(sources: RegionSources, options: RegionOptions) -> list[dict
     glacier's RGI id, for a part of a glacier the outline file divides)."""
     import shapely
 
-    from dataloader.prepare.outlines import ID_FIELDS, NAME_FIELDS, equal_area_km2
+    from dataloader.prepare.outlines import ID_FIELDS, NAME_FIELDS, equal_area_km2, read_vector
 
     path = Path(sources.outlines)
-    frame = _read_vector(path)
+    frame = read_vector(path)
     id_field = _field(frame, ID_FIELDS, path, "outline id")
     name_field = next((c for c in NAME_FIELDS if c in frame.columns), None)
     frame = frame.to_crs(4326)
@@ -182,7 +171,7 @@ def select_outlines(sources: RegionSources, options: RegionOptions) -> list[dict
     geometries = shapely.make_valid(frame.geometry.to_numpy())
     centroids = shapely.centroid(geometries)
     if sources.within is not None:
-        within = _read_vector(Path(sources.within)).to_crs(4326)
+        within = read_vector(Path(sources.within)).to_crs(4326)
         area = shapely.union_all(shapely.make_valid(within.geometry.to_numpy()))
         chosen &= shapely.contains(area, centroids)
     links = read_links(Path(sources.wgms_links)) if sources.wgms_links is not None else {}
@@ -968,12 +957,7 @@ def plot_region(path: Path, out_dir: Path, outlines_path: Path, done: list[str],
     with xr.open_dataset(out_dir / "region.nc") as ds:
         for m, model in enumerate(models):
             ax_series.plot(ds["year"], ds["regional_annual_balance"][m], "-o", ms=3, label=model.upper())
-    ax_series.axhline(0, color="0.6", lw=0.6)
-    ax_series.set_xlabel("balance year")
-    ax_series.set_ylabel("regional annual balance (m w.e.)")
-    ax_series.set_title("area-weighted over the region's glaciers", fontsize=10)
-    ax_series.legend(fontsize=8)
-    ax_series.grid(alpha=0.3)
+    finish_annual_series(ax_series, "regional annual balance (m w.e.)", "area-weighted over the region's glaciers")
 
     lo, hi = 0.0, 0.0
     for c, comparison in enumerate(x for x in comparisons if models[-1] in x):

@@ -85,6 +85,18 @@ def equal_area_km2(outline) -> float:
     return float(to_crs(outline, 4326, laea, step=0.0005).area) / 1e6
 
 
+def read_vector(path: Path):
+    """A vector file (shapefile, GeoPackage, GeoJSON, …) as a GeoDataFrame; a file that does
+    not open or has no CRS is a DataError naming it."""
+    try:
+        frame = pyogrio.read_dataframe(path)
+    except Exception as error:  # pyogrio raises several GDAL-level types
+        raise DataError(path, None, f"could not be read as a vector file ({error})") from error
+    if frame.crs is None:
+        raise DataError(path, None, "has no CRS (missing .prj or CRS definition), expected one")
+    return frame
+
+
 def read_vector_outline(path, ids: list[str] | None = None,
                         name: str | None = None) -> tuple[shapely.Geometry, dict]:
     """The outline of one glacier from a vector file, as a shapely (Multi)Polygon in EPSG:4326.
@@ -100,12 +112,7 @@ def read_vector_outline(path, ids: list[str] | None = None,
     if not ids and not name:
         raise DataError(path, None, "no outline selected: give outline id(s) or a name")
     path = Path(path)
-    try:
-        frame = pyogrio.read_dataframe(path)
-    except Exception as error:  # pyogrio raises several GDAL-level types
-        raise DataError(path, None, f"could not be read as a vector file ({error})") from error
-    if frame.crs is None:
-        raise DataError(path, None, "has no CRS (missing .prj or CRS definition), expected one")
+    frame = read_vector(path)
     selected = np.zeros(len(frame), dtype=bool)
     diagnostics: dict = {"file": str(path)}
     if ids:

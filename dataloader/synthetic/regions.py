@@ -12,7 +12,9 @@ of the twin"); they are not fitted to any real series.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -62,82 +64,19 @@ class Region:
     name_patterns: tuple[str, ...]
 
 
+def _region(code: str, values: dict) -> Region:
+    """A :class:`Region` from its entry in ``regions.json`` (JSON lists become tuples)."""
+    areas = tuple(Area(**{k: tuple(v) if isinstance(v, list) else v for k, v in a.items()})
+                  for a in values["areas"])
+    rest = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k != "areas"}
+    return Region(code=code, areas=areas, **rest)
+
+
+# The five regions' values are data, kept in regions.json beside this file (one entry per
+# region, the fields of Region).
 REGIONS: dict[str, Region] = {
-    "ALP": Region(
-        code="ALP",
-        areas=(Area(32632, (45.9, 47.1), (6.8, 11.8)),),
-        z_ref=2700.0, t_mean=-3.2, t_amplitude=8.8, t_peak_day=205,
-        t_sigma_winter=3.4, t_sigma_summer=2.4,
-        p_annual=2.0, p_amplitude=0.15, p_peak_day=190, wet_fraction=0.45,
-        ela=2900.0, z_floor=1900.0, z_ceiling=3650.0, slope=(0.2, 0.32),
-        orography_below=(220.0, 420.0), thinning=2.0, retreat=(0.15, 0.35), icecap_share=0.0,
-        debris_chance=0.7,
-        prec_factor=0.92, snow_rain_centre=1.0, midseason=(5, 1),
-        name_stems=("Tessach", "Gurnig", "Faltsch", "Morvin", "Pelkar", "Valdrun", "Sernig",
-                    "Klafner", "Ruvell", "Dornach", "Lazun", "Pitzan", "Mallun", "Sotvern",
-                    "Trafel", "Gravun", "Selvir", "Munder", "Ladurn", "Tirvall"),
-        name_patterns=("{} Ferner", "Vedretta di {}", "Glacier de {}", "{}gletscher", "{} Kees",
-                       "Vadret da {}"),
-    ),
-    "SCA": Region(
-        code="SCA",
-        areas=(Area(32632, (60.6, 62.0), (6.3, 8.8), precip_factor=1.15, ela_offset=-40.0),
-               Area(32633, (66.3, 67.6), (13.6, 16.8), precip_factor=0.75, amplitude_offset=1.5,
-                    ela_offset=160.0)),
-        z_ref=1250.0, t_mean=-1.0, t_amplitude=6.8, t_peak_day=207,
-        t_sigma_winter=3.6, t_sigma_summer=2.2,
-        p_annual=2.1, p_amplitude=0.3, p_peak_day=345, wet_fraction=0.6,
-        ela=1540.0, z_floor=950.0, z_ceiling=2050.0, slope=(0.1, 0.2),
-        orography_below=(150.0, 350.0), thinning=1.5, retreat=(0.1, 0.3), icecap_share=0.4,
-        debris_chance=0.25,
-        prec_factor=1.05, snow_rain_centre=1.3, midseason=(5, 10),
-        name_stems=("Kvitle", "Austra", "Storle", "Hestra", "Blaavik", "Tindra", "Skarve",
-                    "Svartle", "Langvik", "Grovle", "Fonnvik", "Raudle", "Midtvik", "Vesla",
-                    "Sollen", "Myrkle"),
-        name_patterns=("{}breen", "{}breen", "{}isen", "{}fonna", "{}jokulen"),
-    ),
-    "ICL": Region(
-        code="ICL",
-        areas=(Area(32628, (63.9, 64.7), (-17.9, -15.2)),),
-        z_ref=650.0, t_mean=1.2, t_amplitude=5.6, t_peak_day=210,
-        t_sigma_winter=3.2, t_sigma_summer=1.8,
-        p_annual=2.3, p_amplitude=0.25, p_peak_day=330, wet_fraction=0.65,
-        ela=990.0, z_floor=80.0, z_ceiling=1700.0, slope=(0.08, 0.13),
-        orography_below=(250.0, 450.0), thinning=2.5, retreat=(0.3, 0.55), icecap_share=0.0,
-        debris_chance=0.6,
-        prec_factor=1.12, snow_rain_centre=1.6, midseason=(5, 5),
-        name_stems=("Hrutla", "Skalda", "Kvisla", "Sidra", "Heinla", "Falda", "Morna", "Hofla",
-                    "Lambra", "Stigla", "Brunna", "Flaga"),
-        name_patterns=("{}jokull", "{}arjokull", "{}sjokull"),
-    ),
-    "SVAL": Region(
-        code="SVAL",
-        areas=(Area(32633, (77.2, 79.0), (13.0, 17.8)),),
-        z_ref=300.0, t_mean=-3.5, t_amplitude=8.2, t_peak_day=205,
-        t_sigma_winter=4.2, t_sigma_summer=1.6,
-        p_annual=1.3, p_amplitude=0.2, p_peak_day=320, wet_fraction=0.45,
-        ela=470.0, z_floor=40.0, z_ceiling=1100.0, slope=(0.08, 0.14),
-        orography_below=(120.0, 250.0), thinning=0.8, retreat=(0.15, 0.4), icecap_share=0.5,
-        debris_chance=0.2,
-        prec_factor=0.95, snow_rain_centre=0.6, midseason=(5, 12),
-        name_stems=("Aavika", "Krossla", "Tunvik", "Holmla", "Vestla", "Midla", "Kollvik",
-                    "Penla", "Nathla", "Ebbvik", "Sefla", "Lovika"),
-        name_patterns=("{}breen", "{}breen", "{}fonna", "{}isen"),
-    ),
-    "PYR": Region(
-        code="PYR",
-        areas=(Area(32631, (42.55, 42.8), (0.1, 1.6)),),
-        z_ref=2650.0, t_mean=0.2, t_amplitude=8.2, t_peak_day=205,
-        t_sigma_winter=3.2, t_sigma_summer=2.4,
-        p_annual=1.8, p_amplitude=0.2, p_peak_day=320, wet_fraction=0.4,
-        ela=3270.0, z_floor=2750.0, z_ceiling=3400.0, slope=(0.22, 0.32),
-        orography_below=(250.0, 400.0), thinning=1.8, retreat=(0.15, 0.25), icecap_share=0.0,
-        debris_chance=0.5,
-        prec_factor=0.88, snow_rain_centre=0.9, midseason=(5, 5),
-        name_stems=("Arrenc", "Gerdal", "Sarrat", "Biscarra", "Ordal", "Pessons", "Tuquet",
-                    "Barrosa", "Comalat", "Estanyol"),
-        name_patterns=("Glaciar de {}", "Glacier de {}", "Glaciar del {}"),
-    ),
+    code: _region(code, values)
+    for code, values in json.loads((Path(__file__).with_name("regions.json")).read_text()).items()
 }
 
 # Lapse rate of the "real" atmosphere in the twin. The models downscale with constants.lapse_rate
