@@ -259,7 +259,7 @@ def batched_inference(model, dataset, names, facies: bool) -> dict:
         c0, t0, years = _cpu_seconds(), time.perf_counter(), 0
         for _, batch, arrays in glaciers.iter_batches([(b, None) for b in range(len(plan))]):
             tensors = [dataset.glacier(names[i]) for i in batch.indices]
-            for _, series in batch_series(model, arrays, tensors, verbose=False):
+            for _, series, _ in batch_series(model, arrays, tensors, verbose=False, terms=bool(model.TERMS)):
                 np.asarray(series)  # on the host, as the writer needs it
                 years += len(batch.indices)
         return time.perf_counter() - t0, _cpu_seconds() - c0, years

@@ -11,8 +11,8 @@ from core import models
 from core.evaluate.metrics import evaluate
 from core.execute import distributed
 from core.execute.sets import GlacierList, GlacierSet, with_study_years
-from core.infer.netcdf import SMB_VARIABLE
-from core.infer.runner import write_daily_smb_batches
+from core.infer.netcdf import SMB_VARIABLE, BatchFiles
+from core.infer.runner import run_batches
 from core.io import atomic_write_json, check_output_paths
 from core.models import (
     DEFAULT_SEED,
@@ -95,13 +95,9 @@ def infer_and_evaluate(model_name: str, glacier: str, smb_path, eval_path, param
 
 def infer_and_evaluate_many(model_name: str, glaciers, smb_paths, eval_paths, params_path=None,
                             data_folder=None, years=None) -> list[dict]:
-    """Daily SMB NetCDF files and evaluation JSONs of several glaciers, batched as training
-    batches them (``core.execute.sets.GlacierSet``): on a GPU the glaciers of one grid bucket run
-    as one vmapped computation, on a CPU one at a time in shape classes that share a compiled
-    function; the batches are spread over the local devices (one computing thread each, every
-    file written from this thread: ``core.infer.runner.write_daily_smb_batches``). The files
-    are those of the glacier run alone, up to float32 rounding where a batch pads C/D's grid (the
-    masked corrector; docs/performance.md).
+    """Daily SMB NetCDF files (``core.infer.netcdf.BatchFiles``) and evaluation JSONs of several
+    glaciers (:func:`infer_many`). The files are those of the glacier run alone, up to float32
+    rounding where a batch pads C/D's grid (the masked corrector; docs/performance.md).
 
     The SMB covers every study year; ``years`` = (first, last) scores only those balance years
     (``core.evaluate.metrics.evaluate``), None all of them. Each evaluation names the parameter
@@ -112,24 +108,37 @@ def infer_and_evaluate_many(model_name: str, glaciers, smb_paths, eval_paths, pa
                          f"{len(smb_paths)} and {len(eval_paths)}")
     for smb_path, eval_path in zip(smb_paths, eval_paths):
         check_output_paths(smb_path=smb_path, eval_path=eval_path)
-    distributed.setup()
-    dataset = Dataset(resolve_data_folder(data_folder))
-    for glacier in glaciers:
-        dataset.info(glacier)  # an unknown name fails before anything is loaded
-    params_path = resolve_params_path(model_name, params_path)
-    model = load_model(model_name, params_path)
-    params = params_provenance(params_path)
-    glacier_set = GlacierSet(dataset, glaciers, uses_facies(model_name), layout=inference_layout(model))
-    glacier_set.batches()  # reads every glacier: bad input fails now, before anything compiles
     results: list = [None] * len(glaciers)
 
+    def files(model, batch, tensors):
+        return BatchFiles(tensors, [smb_paths[i] for i in batch.indices], model_name, model.TERMS)
+
     def evaluate_batch(batch, tensors):
+        params = params_provenance(resolve_params_path(model_name, params_path))  # read by now
         for i, glacier_tensors in zip(batch.indices, tensors):
             results[i] = {"params": params, **evaluate_smb_file(glacier_tensors, smb_paths[i], years)}
             atomic_write_json(eval_paths[i], results[i])
 
-    write_daily_smb_batches(model, glacier_set, smb_paths, model_name, written=evaluate_batch)
+    infer_many(model_name, glaciers, files, evaluate_batch, params_path, data_folder)
     return results
+
+
+def infer_many(model_name: str, glaciers, open_sink, done=None, params_path=None, data_folder=None) -> None:
+    """The daily SMB of several glaciers, batched as training batches them
+    (``core.execute.sets.GlacierSet``): on a GPU the glaciers of one grid bucket run as one
+    vmapped computation, on a CPU one at a time in shape classes that share a compiled function;
+    the batches are spread over the local devices (``core.infer.runner.run_batches``: one
+    computing thread each, every sink fed from this thread). ``open_sink(model, batch,
+    tensors)`` returns the consumer of a batch's years (``core.infer.netcdf.BatchFiles``, a
+    region's summaries); ``done(batch, tensors)`` is called once it is committed."""
+    distributed.setup()
+    dataset = Dataset(resolve_data_folder(data_folder))
+    for glacier in glaciers:
+        dataset.info(glacier)  # an unknown name fails before anything is loaded
+    model = load_model(model_name, resolve_params_path(model_name, params_path))
+    glacier_set = GlacierSet(dataset, list(glaciers), uses_facies(model_name), layout=inference_layout(model))
+    glacier_set.batches()  # reads every glacier: bad input fails now, before anything compiles
+    run_batches(model, glacier_set, lambda batch, tensors: open_sink(model, batch, tensors), done)
 
 
 def evaluate_smb_file(tensors, smb_path, years=None) -> dict:

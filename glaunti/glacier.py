@@ -16,6 +16,8 @@ Nothing here knows a particular model. A model (``glaunti.ti_model.TIModel``,
   (L, H, W) daily series or None);
 - ``cell_independent`` and ``state_cell_axis``: whether (and along which state axis) a run may
   be split into chunks of cells;
+- ``TERMS``: the names of the day terms its ``year_step(..., terms=True)`` returns beside the
+  daily SMB (the TI models: ``glaunti.ti_model.TERMS``; none for the GRU);
 
 and, for calibration and parameter files, ``trainable_filter()``, ``regularisers(run, arrays)``,
 ``authors_tree()`` / ``from_authors_tree(tree)`` (:mod:`glaunti.params`).
@@ -92,7 +94,9 @@ def scan_days(step, state, days, forcing: Callable, smb_shape, series: bool = Fa
 
     Args:
         step: one day of a model; ``flag`` is a per-day bool the model may use (the GRU's
-            continuation rule).
+            continuation rule). A step may return ``(state, (smb_day, terms))`` instead, with
+            ``terms`` the day's diagnostics (the TI model's snowfall, rainfall and melt): they
+            are zeroed on invalid days like the SMB and, with ``series``, stacked beside it.
         state: the state before the first day.
         days: ``(x, weight, valid, period, flag)``, each with a leading day axis L; ``x`` is
             what ``forcing`` turns into the day's (T, P), ``period`` 0 or 1 selects the sum a
@@ -105,18 +109,19 @@ def scan_days(step, state, days, forcing: Callable, smb_shape, series: bool = Fa
     and the GRU always moves) and add 0. Each day is rematerialised in the backward pass.
 
     Returns:
-        (state, (2, *smb_shape) per-period sums, (L, *smb_shape) daily SMB or None).
+        (state, (2, *smb_shape) per-period sums, (L, *smb_shape) daily SMB (or, for a step
+        with terms, (daily SMB, (L, ...) terms)) or None).
     """
 
     def body(carry, day):
         state, acc = carry
         x, weight, ok, period, flag = day
         temperature, precipitation = forcing(x)
-        new_state, smb = step(state, temperature, precipitation, weight, flag)
+        new_state, out = step(state, temperature, precipitation, weight, flag)
         state = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new_state, state)
-        smb = jnp.where(ok, smb, 0.0)
-        acc = acc.at[period].add(smb)
-        return (state, acc), (smb if series else None)
+        out = jax.tree_util.tree_map(lambda v: jnp.where(ok, v, 0.0), out)
+        acc = acc.at[period].add(out[0] if isinstance(out, tuple) else out)
+        return (state, acc), (out if series else None)
 
     acc0 = jnp.zeros((2,) + tuple(smb_shape), jnp.float32)
     (state, acc), out = jax.lax.scan(jax.checkpoint(body), (state, acc0), days)
@@ -188,17 +193,25 @@ def initial_state(model, arrays: GlacierArrays):
 
 @at_published_precision
 def year_step(model, arrays: GlacierArrays, k, state, series: bool = False, spinup: bool = False,
-              custom_vjp: bool = False):
+              custom_vjp: bool = False, terms: bool = False):
     """Balance year k (traced index) from ``state``.
 
     ``spinup`` (static) marks a spin-up year (C/D then recompute the summer's corrections from
     the post-winter SWE, ``docs/model.md`` §9.1). ``custom_vjp`` (static) selects the TI day step
     with the hand-written reverse-mode derivative (training losses; forward values identical;
-    no forward-mode derivative).
+    no forward-mode derivative). ``terms`` (static, with ``series``; models with ``TERMS``)
+    also returns the day step's terms (``glaunti.ti_model.TERMS``).
 
     Returns (state, (2, H, W) per-period SMB sums, (5, H, W) corrections or None,
-    (L, H, W) daily series or None).
+    (L, H, W) daily series (with ``terms``: (series, (L, 3, H, W) terms)) or None).
     """
+    if terms:
+        if not series:
+            raise ValueError("the day terms come with the daily series (series=True)")
+        if not model.TERMS:
+            raise ValueError(f"model {model.kind} has no day terms (it has no TI step)")
+        return model.year_step(arrays, k, state, series=True, spinup=spinup, custom_vjp=custom_vjp,
+                               terms=True)
     return model.year_step(arrays, k, state, series=series, spinup=spinup, custom_vjp=custom_vjp)
 
 

@@ -61,6 +61,7 @@ class GRUModel(eqx.Module):
     init_h: Float[Array, " 16"]
 
     kind: ClassVar[str] = "B"
+    TERMS: ClassVar[tuple[str, ...]] = ()  # no TI step, so no snowfall / rainfall / melt
     cell_independent: ClassVar[bool] = True
     state_cell_axis: ClassVar[int] = 0  # hidden state (N, 16), cells flattened
 

@@ -27,6 +27,7 @@ from glaunti.glacier import (
     to_row,
 )
 from glaunti.ti_model import (
+    TERMS,
     TIModel,
     apply_corrections,
     day_balance,
@@ -87,9 +88,11 @@ def computed_channels(ti: TIModel, swe, scan) -> Float[Array, "3 H W"]:
     return checkpoint_name(jax.lax.stop_gradient(channels), CHANNELS_NAME)
 
 
-def corrected_run(base, corrections, swe, arrays, k, days, *, series=False, custom_vjp=False):
+def corrected_run(base, corrections, swe, arrays, k, days, *, series=False, custom_vjp=False,
+                  terms=False):
     """The TI run of year k's ``days`` (L,) bool with per-cell ``corrections`` (5, H, W) from
-    ``swe`` (H, W): (swe, (2, H, W) per-period sums, (L, H, W) daily SMB or None).
+    ``swe`` (H, W): (swe, (2, H, W) per-period sums, (L, H, W) daily SMB (with ``terms``: and
+    the day terms, ``glaunti.ti_model.TERMS``) or None).
 
     With ``custom_vjp`` (a reverse-mode training loss) only the cells of ``arrays.loss_cells``
     carry a gradient: the whole grid runs under ``stop_gradient`` (its SWE starts the next
@@ -103,7 +106,7 @@ def corrected_run(base, corrections, swe, arrays, k, days, *, series=False, cust
 
     def run(corrections, swe, cell_arrays, shape, custom_vjp):
         params, shift = apply_corrections(base, corrections)
-        step = ti_step(params, shift, custom_vjp)
+        step = ti_step(params, shift, custom_vjp, terms)
         return scan_block(step, swe, cell_arrays, k, days, no_flag, series, shape)
 
     if not custom_vjp:
@@ -153,6 +156,7 @@ class GlaUnTI(eqx.Module):
     ti: TIModel
 
     kind: ClassVar[str] = "C/D"
+    TERMS: ClassVar[tuple[str, ...]] = TERMS
     cell_independent: ClassVar[bool] = False  # the corrector sees the whole grid
     state_cell_axis: ClassVar[int | None] = None
     # What a year keeps for its backward pass (``glaunti.glacier.walk_years``): the computed
@@ -272,7 +276,7 @@ class GlaUnTI(eqx.Module):
         return self.corrector(inputs, arrays.climate_monthly[k], arrays.n_months[k], grid_size=grid_size,
                               channels_last=custom_vjp)
 
-    def year_step(self, arrays, k, state, *, series=False, spinup=False, custom_vjp=False):
+    def year_step(self, arrays, k, state, *, series=False, spinup=False, custom_vjp=False, terms=False):
         """Balance year k of a glacier (``glaunti.glacier.year_step``) with its corrections.
 
         In a study year the corrections come from the year's initial SWE and apply to the whole
@@ -286,8 +290,8 @@ class GlaUnTI(eqx.Module):
 
         def run(corrections, swe, days):
             out = corrected_run(base, to_row(corrections), to_row(swe), row, k, days, series=series,
-                                custom_vjp=custom_vjp)
-            return tuple(to_grid(x, arrays.shape) for x in out)
+                                custom_vjp=custom_vjp, terms=terms)
+            return jax.tree_util.tree_map(lambda x: to_grid(x, arrays.shape), out)
 
         if not spinup:
             corrections = self.corrections_at(arrays, k, state, custom_vjp)
@@ -312,7 +316,7 @@ class GlaUnTI(eqx.Module):
             return jax.lax.cond((s == 0) | arrays.seasonal[k], compute, skip, swe)
 
         swe, (accs, corrections, outs) = jax.lax.scan(half, state, jnp.arange(2))
-        out = None if outs is None else outs[0] + outs[1]
+        out = None if outs is None else jax.tree_util.tree_map(lambda x: x[0] + x[1], outs)
         return swe, accs[0] + accs[1], corrections[0], out
 
     def trainable_filter(self):

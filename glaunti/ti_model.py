@@ -92,7 +92,15 @@ def hill(steepness, centre, x):
     return xs / (xs + centre**steepness)
 
 
-def ti_day_step(p: TIParams, swe, temperature, precipitation, weight, temperature_shift=None):
+# The day terms a TI step can return beside its SMB (``terms=True``), m w.e. per day, weighted
+# like the SMB: the accumulated snowfall (after prec_scale), the rainfall (the liquid share of
+# the precipitation, which the model does not scale) and the melt of snow and ice, so that
+# smb = snowfall − melt.
+TERMS: tuple[str, ...] = ("snowfall", "rainfall", "melt")
+
+
+def ti_day_step(p: TIParams, swe, temperature, precipitation, weight, temperature_shift=None,
+                terms: bool = False):
     """One day of model A for every cell.
 
     Args:
@@ -102,11 +110,13 @@ def ti_day_step(p: TIParams, swe, temperature, precipitation, weight, temperatur
         weight: scalar day weight (½ on period boundaries).
         temperature_shift: optional (H, W) Δ added to T inside T⁺ only (model C/D's d5).
 
+        terms: also return the day's :data:`TERMS` (3, H, W).
+
     Returns:
-        (swe_new (H, W), smb_day (H, W)).
+        (swe_new (H, W), smb_day (H, W)), or with ``terms`` (swe_new, (smb_day, terms)).
     """
     snow_share, t_pos = temperature_terms(p, temperature, temperature_shift)
-    return day_balance(p, swe, precipitation, snow_share, t_pos, weight)
+    return day_balance(p, swe, precipitation, snow_share, t_pos, weight, terms)
 
 
 def temperature_terms(p: TIParams, temperature, temperature_shift=None):
@@ -118,7 +128,7 @@ def temperature_terms(p: TIParams, temperature, temperature_shift=None):
     return snow_share, softplus_t(p.t_softplus_sharpness, t_melt)
 
 
-def day_balance(p: TIParams, swe, precipitation, snow_share, t_pos, weight):
+def day_balance(p: TIParams, swe, precipitation, snow_share, t_pos, weight, terms: bool = False):
     """The rest of :func:`ti_day_step` given its :func:`temperature_terms`."""
     solid = precipitation * snow_share
     f_snow = hill(p.snow_depletion_steepness, p.snow_depletion_centre, swe)
@@ -130,7 +140,11 @@ def day_balance(p: TIParams, swe, precipitation, snow_share, t_pos, weight):
         p.swe_softplus_sharpness, swe + weight * (accumulation - p.ddf_snow * snow_melt)
     )
     smb_day = weight * (accumulation - p.ddf_snow * (snow_melt + ice_melt))
-    return swe_new, smb_day
+    if not terms:
+        return swe_new, smb_day
+    rainfall = precipitation * (1.0 - snow_share)
+    day_terms = jnp.stack(jnp.broadcast_arrays(accumulation, rainfall, p.ddf_snow * (snow_melt + ice_melt)))
+    return swe_new, (smb_day, weight * day_terms)
 
 
 def _sum_to(g, like):
@@ -266,14 +280,20 @@ def apply_corrections(p: TIParams, corrections) -> tuple[TIParams, Array]:
     return p, d5
 
 
-def ti_step(p: TIParams, temperature_shift=None, custom_vjp: bool = False):
+def ti_step(p: TIParams, temperature_shift=None, custom_vjp: bool = False, terms: bool = False):
     """The day step ``(swe, T, P, weight, flag) -> (swe, smb)`` of the engine's day scan
     (``glaunti.glacier.scan_days``) for parameters ``p``. ``custom_vjp`` selects
-    :func:`ti_day_step_vjp` (reverse mode only), else :func:`ti_day_step`."""
-    day = ti_day_step_vjp if custom_vjp else ti_day_step
+    :func:`ti_day_step_vjp` (reverse mode only), else :func:`ti_day_step`; ``terms`` (forward
+    only) makes the step return ``(swe, (smb, terms))``."""
+    if terms and custom_vjp:
+        raise ValueError("the day terms are an inference output; the training step has none")
+    if custom_vjp:
+        def step(swe, temperature, precipitation, weight, _flag):
+            return ti_day_step_vjp(p, swe, temperature, precipitation, weight, temperature_shift)
+        return step
 
     def step(swe, temperature, precipitation, weight, _flag):
-        return day(p, swe, temperature, precipitation, weight, temperature_shift)
+        return ti_day_step(p, swe, temperature, precipitation, weight, temperature_shift, terms)
 
     return step
 
@@ -331,6 +351,7 @@ class TIModel(eqx.Module):
     """
 
     kind: ClassVar[str] = "A"
+    TERMS: ClassVar[tuple[str, ...]] = TERMS
     cell_independent: ClassVar[bool] = True
     state_cell_axis: ClassVar[int] = 1  # SWE (H, W): a "cells" row (1, N) has its cells on W
 
@@ -409,11 +430,11 @@ class TIModel(eqx.Module):
     def initial_state(self, shape) -> Float[Array, "H W"]:
         return cold_start(self.constrained(), shape)
 
-    def year_step(self, arrays, k, state, *, series=False, spinup=False, custom_vjp=False):
+    def year_step(self, arrays, k, state, *, series=False, spinup=False, custom_vjp=False, terms=False):
         """Balance year k of a glacier (``glaunti.glacier.year_step``); no corrections."""
         del spinup  # spin-up and study years are the same for A
         valid = arrays.day_valid[k]
-        step = ti_step(self.constrained(), None, custom_vjp)
+        step = ti_step(self.constrained(), None, custom_vjp, terms)
         state, acc, out = scan_block(step, state, arrays, k, valid, jnp.zeros_like(valid), series)
         return state, acc, None, out
 

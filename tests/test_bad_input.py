@@ -102,7 +102,7 @@ def no_compilation(monkeypatch):
 
     monkeypatch.setattr(core.workflows, "train", trip)
     monkeypatch.setattr(core.workflows, "make_arrays", trip)
-    monkeypatch.setattr(core.workflows, "write_daily_smb_batches", trip)
+    monkeypatch.setattr(core.workflows, "run_batches", trip)
 
 
 # ---------------------------------------------------------------------------------------------

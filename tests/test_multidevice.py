@@ -210,6 +210,7 @@ def test_a_failing_device_thread_leaves_no_unfinished_files(tiny_reference_copy,
 
     from core.execute.sets import GlacierSet
     from core.infer import runner as inference
+    from core.infer.netcdf import BatchFiles
     from dataloader import Dataset
     from glaunti.layouts import inference_layout
 
@@ -220,8 +221,8 @@ def test_a_failing_device_thread_leaves_no_unfinished_files(tiny_reference_copy,
     failing = glaciers.batches()[-1].indices[0]
     real = inference.batch_series
 
-    def batch_series(model, batch, tensors, verbose=True):
-        for n, piece in enumerate(real(model, batch, tensors, verbose)):
+    def batch_series(model, batch, tensors, verbose=True, terms=False):
+        for n, piece in enumerate(real(model, batch, tensors, verbose, terms)):
             if n == 1 and tensors[0].name == dataset.names[failing]:
                 raise RuntimeError("device lost")
             yield piece
@@ -234,9 +235,11 @@ def test_a_failing_device_thread_leaves_no_unfinished_files(tiny_reference_copy,
     written = []
     device = jax.local_devices()[0]
     with pytest.raises(RuntimeError, match="device lost"):
-        inference.write_daily_smb_batches(model, glaciers, paths, "a", devices=[device, device],
-                                          written=lambda batch, tensors: written.extend(batch.indices),
-                                          verbose=False)
+        inference.run_batches(model, glaciers,
+                              lambda batch, tensors: BatchFiles(tensors, [paths[i] for i in batch.indices], "a",
+                                                                model.TERMS),
+                              done=lambda batch, tensors: written.extend(batch.indices),
+                              devices=[device, device], verbose=False)
     assert not (out / f"{dataset.names[failing]}.nc").exists()
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{dataset.names[i]}.nc" for i in written)
 

@@ -136,6 +136,35 @@ def test_daily_smb_metadata_and_values(daily_smb, tiny_twin):
         assert smb.encoding["chunksizes"] == chunk_shape(len(tensors.y), len(tensors.x))
 
 
+def test_daily_smb_file_has_the_day_terms(daily_smb, tiny_twin):
+    """Model A's file carries the glacier-wide snowfall, rainfall and melt of every day: the
+    liquid and (unscaled) solid shares add up to the precipitation over the glacier, and
+    snowfall − melt is the glacier-wide SMB of the maps."""
+    from glaunti.ti_model import PRIOR_CONSTRAINED
+
+    smb_path, _, glacier = daily_smb
+    tensors = Dataset(tiny_twin).glacier(glacier)
+    arrays = make_arrays(tensors)
+    with xr.open_dataset(smb_path) as ds:
+        day = ((ds["time"].values - np.datetime64(tensors.first_date, "ns")) // np.timedelta64(1, "D")).astype(int)
+        for term in ("snowfall", "rainfall", "melt"):
+            assert ds[term].attrs["units"] == "m w.e. d-1" and ds[term].dims == ("time",)
+            assert np.isfinite(ds[term].values).all() and (ds[term].values >= 0).all()
+        checked = 0
+        for k in np.flatnonzero(np.asarray(tensors.study)):
+            mask = np.asarray(tensors.outlines[k], np.float64)
+            inside = (day > tensors.begin_day[k]) & (day < tensors.end_day[k])  # whole-weight days
+            gw_smb = (ds["smb"].values[inside] * mask).sum(axis=(1, 2)) / mask.sum()
+            np.testing.assert_allclose(ds["snowfall"].values[inside] - ds["melt"].values[inside], gw_smb,
+                                       atol=1e-6)
+            climate = np.asarray(arrays.precipitation)[day[inside]][:, np.asarray(arrays.climate_cell)]
+            gw_precipitation = (climate * mask).sum(axis=(1, 2)) / mask.sum()
+            split = ds["snowfall"].values[inside] / PRIOR_CONSTRAINED["prec_scale"] + ds["rainfall"].values[inside]
+            np.testing.assert_allclose(split, gw_precipitation, rtol=1e-4, atol=1e-8)
+            checked += inside.sum()
+        assert checked > 300
+
+
 def test_inference_says_when_it_compiles(tiny_twin, capsys, monkeypatch):
     from core.execute import compiles
     from core.infer import runner as inference

@@ -69,7 +69,8 @@ def region(tmp_path_factory, outlines) -> Path:
 def values(out_dir: Path) -> dict[str, np.ndarray]:
     with xr.open_dataset(out_dir / "region.nc") as ds:
         return {k: ds[k].values for k in ("glacier", "time", "year", "smb", "annual_balance", "winter_balance",
-                                          "summer_balance", "area", "regional_smb")}
+                                          "summer_balance", "area", "regional_smb", "snowfall", "rainfall",
+                                          "melt", "regional_melt_water_volume")}
 
 
 def test_outputs_and_broken_glacier_skipped(region):
@@ -97,12 +98,22 @@ def test_outputs_and_broken_glacier_skipped(region):
                                    rtol=1e-5)
         assert ds.attrs["Conventions"] == "CF-1.8" and len(ds.attrs["weights_d_sha256"]) == 64
         assert ds["lat"].attrs["units"] == "degrees_north" and "crs" in ds
+        # The TI day terms: glacier-wide snowfall − melt is the glacier-wide SMB, every day.
+        for term in ("snowfall", "rainfall", "melt"):
+            assert ds[term].attrs["units"] == "m d-1" and np.isfinite(ds[term].values).all()
+            assert (ds[term].values >= 0).all()
+        assert float(ds["melt"].sum()) > 0 and float(ds["rainfall"].sum()) > 0
+        np.testing.assert_allclose(ds["snowfall"] - ds["melt"], ds["smb"], atol=2e-6)
+        volume = (ds["melt"][0] * ds["area"] * 1e6).sum("glacier")
+        assert ds["regional_melt_water_volume"].attrs["units"] == "m3 d-1"
+        np.testing.assert_allclose(ds["regional_melt_water_volume"][0], volume, rtol=1e-5)
     assert (region / "region.png").stat().st_size > 10_000
     assert not list(region.rglob("*.tmp")), "a temporary file was left behind"
     # The prepared glaciers in the published layout, as every other script reads them.
     index = pd.read_csv(region / "data" / "index.csv")
     assert sorted(index["name"]) == sorted(SMALL)
-    assert not (region / "maps").exists() and not list((region / "work" / "d" / "smb").glob("*.nc"))
+    assert not (region / "maps").exists()
+    assert [p for p in region.rglob("*.nc") if p.relative_to(region).parts[0] != "data"] == [region / "region.nc"]
 
 
 def test_mosaic_opens_in_rioxarray_and_gdal(region):
@@ -169,28 +180,35 @@ def test_two_dask_workers_give_the_same_product(region, outlines, tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_product(region, outlines, tmp_path):
+    """Killed while the inference writes its first daily maps (``--maps``: a temporary file,
+    mid-way), the rerun ends with the product of the uninterrupted run and the maps."""
     out = tmp_path / "killed"
-    argv = [sys.executable, str(REPO / "run_region.py"), *region_argv(out, outlines)]
+    argv = [sys.executable, str(REPO / "run_region.py"), *region_argv(out, outlines, "--maps")]
     process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    # Killed once the inference writes its first daily maps (a temporary file, mid-way).
+    maps = out / "maps" / "d"
     deadline = time.monotonic() + 300
     while process.poll() is None and time.monotonic() < deadline:
-        if list((out / "work" / "d" / "smb").glob(".*.tmp")) if (out / "work" / "d" / "smb").exists() else []:
+        if list(maps.glob(".*.tmp")) if maps.exists() else []:
             os.kill(process.pid, signal.SIGKILL)
             break
         time.sleep(0.05)
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (out / "region.nc").exists()
-    assert run_region.main(region_argv(out, outlines)) == 0
+    assert run_region.main(region_argv(out, outlines, "--maps")) == 0
     a, b = values(region), values(out)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     assert not list(out.rglob("*.tmp")), "a temporary file was left behind"
+    # The maps hold the daily SMB the product was reduced from.
+    with xr.open_dataset(maps / f"{SMALL[0]}.nc") as smb, xr.open_dataset(out / "region.nc") as ds:
+        assert {"smb", "snowfall", "rainfall", "melt"} <= set(smb.data_vars)
+        np.testing.assert_array_equal(smb["melt"].values,
+                                      ds["melt"].sel(model="D", glacier=SMALL[0], time=smb["time"]).values)
 
     # A rerun of the finished product reuses everything; a changed option is refused.
     started = time.perf_counter()
-    assert run_region.main(region_argv(out, outlines)) == 0
+    assert run_region.main(region_argv(out, outlines, "--maps")) == 0
     assert time.perf_counter() - started < 60
     changed = subprocess.run([*argv, "--margin_m", "600"], cwd=REPO, capture_output=True, text=True)
     assert changed.returncode == 2

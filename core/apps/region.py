@@ -12,8 +12,9 @@ options, matches):
    prepared is skipped with its reason;
 3. inference, one task per shape class of the whole region (``core.execute.sets.GlacierSet``'s CPU plan,
    fixed by the glaciers alone, so results do not depend on the number of workers):
-   ``core.workflows.infer_and_evaluate_many`` writes each glacier's daily maps, which the task reduces
-   to a small summary file (``OUT_DIR/work/<model>/<id>.npz``) and deletes unless ``maps``;
+   ``core.workflows.infer_many`` streams each glacier's daily SMB into :class:`SummarySink`, which
+   reduces it in memory to a small summary file (``OUT_DIR/work/<model>/<id>.npz``); the daily
+   maps are written only with ``maps``;
 4. assembly (main process), streaming one glacier at a time: ``region.nc``, ``glaciers.csv``,
    ``mean_annual_smb.tif``, ``region.png``.
 
@@ -45,18 +46,22 @@ import constants
 from core.apps.cli import one_line
 from core.apps.own_glacier import finish_annual_series
 from core.evaluate.metrics import metrics, season_window
+from core.infer.calendar import BatchCalendar
+from core.infer.netcdf import TERM_ATTRS
 from core.io import atomic_path, atomic_write_json, atomic_write_text
 from core.models import published_params_path
-from core.workflows import infer_and_evaluate_many
 from dataloader.errors import DataError
 from dataloader.prepare.climate import MONTHLY_WARNING
 from glaunti.layouts import inference_layout
+from glaunti.ti_model import TERMS
 
 FORMAT_VERSION = 1
 CELL_KM2 = 0.01  # one 100 m cell
 NODATA = -9999.0
 # A glacier-wide balance (m w.e.) over an area (km²) in Gt: 1 m w.e. = 1000 kg m⁻², 1 km² = 1e6 m².
 GT_PER_M_KM2 = 1e-3
+# ... and in m³ of water: 1 m w.e. over 1 km² is 1e6 m³.
+M3_PER_M_KM2 = 1e6
 MODELS = "abcd"
 
 
@@ -431,12 +436,14 @@ def _summary_path(out_dir: Path, model: str, name: str) -> Path:
 
 def infer_task(out_dir: str, model: str, params: str, names: list[str], keys: dict[str, str],
                latitudes: dict[str, float], maps: bool) -> list[dict]:
-    """Run ``model`` on one shape class of glaciers (a Dask task; also run in-process) and
-    reduce each glacier's daily maps to its summary file. Returns ``{"id", "mean_annual"}`` per
-    glacier."""
+    """Run ``model`` on one shape class of glaciers (a Dask task; also run in-process) and reduce
+    each glacier's daily SMB, as it streams out of the model, to its summary file
+    (:class:`GlacierSummary`); the daily maps are written only with ``maps``. Returns
+    ``{"id", "mean_annual"}`` per glacier."""
     import jax
 
-    from dataloader import Dataset
+    from core.infer.netcdf import BatchFiles
+    from core.workflows import infer_many
 
     jax.config.update("jax_default_matmul_precision", "float32")  # as core.apps.cli.main_wrapper does
     # Each task is one independent process's work: never a jax.distributed group, even inside
@@ -446,28 +453,31 @@ def infer_task(out_dir: str, model: str, params: str, names: list[str], keys: di
         # A Dask worker is one thread; Dask spreads the classes over workers, not XLA over cores.
         os.environ.setdefault("GLAUNTI_CPU_DEVICES", "1")
     out_dir = Path(out_dir)
-    todo = [n for n in names if not _summary_fresh(_summary_path(out_dir, model, n), keys[n])]
-    if todo:
+    if not all(_summary_fresh(_summary_path(out_dir, model, n), keys[n]) for n in names):
         # A class is rerun whole, so that a glacier's numbers never depend on which of its
         # class's glaciers a killed run had finished.
-        todo = list(names)
-        smb = [out_dir / "work" / model / "smb" / f"{n}.nc" for n in todo]
-        for path in smb:  # a killed run's half-written maps (this task is the class's only writer)
-            for stale in path.parent.glob(f".{path.name}.*.tmp"):
-                stale.unlink()
-        evals = [out_dir / "work" / model / "eval" / f"{n}.json" for n in todo]
-        infer_and_evaluate_many(model, todo, smb, evals, params_path=params, data_folder=out_dir / "data")
-        dataset = Dataset(out_dir / "data")
-        for name, smb_path in zip(todo, smb):
-            summary = summarise_glacier(dataset.glacier(name), smb_path, latitudes[name])
-            with atomic_path(_summary_path(out_dir, model, name)) as tmp, open(tmp, "wb") as f:
-                np.savez(f, key=keys[name], **summary)
-            if maps:
-                target = out_dir / "maps" / model / f"{name}.nc"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(smb_path, target)
-            else:
-                smb_path.unlink()
+        map_paths = {n: out_dir / "maps" / model / f"{n}.nc" for n in names}
+        summaries: dict[str, dict] = {}
+
+        def open_sink(model_object, batch, tensors):
+            batch_names = [names[i] for i in batch.indices]
+            files = (BatchFiles(tensors, [map_paths[n] for n in batch_names], model, model_object.TERMS)
+                     if maps else None)
+            return SummarySink(tensors, batch_names, [latitudes[n] for n in batch_names],
+                               bool(model_object.TERMS), summaries, files)
+
+        def done(batch, tensors):
+            for i in batch.indices:
+                with atomic_path(_summary_path(out_dir, model, names[i])) as tmp, open(tmp, "wb") as f:
+                    np.savez(f, key=keys[names[i]], **summaries.pop(names[i]))
+
+        if maps:
+            map_paths[names[0]].parent.mkdir(parents=True, exist_ok=True)
+            for path in map_paths.values():  # a killed run's half-written maps (the class's only writer)
+                for stale in path.parent.glob(f".{path.name}.*.tmp"):
+                    stale.unlink()
+        _summary_path(out_dir, model, names[0]).parent.mkdir(parents=True, exist_ok=True)
+        infer_many(model, names, open_sink, done, params_path=params, data_folder=out_dir / "data")
     out = []
     for name in names:
         with np.load(_summary_path(out_dir, model, name)) as z:
@@ -495,55 +505,133 @@ def _summary_fresh(path: Path, key: str) -> bool:
         return False
 
 
-def summarise_glacier(tensors, smb_path: Path, latitude: float) -> dict[str, np.ndarray]:
-    """The glacier-wide numbers of one glacier's daily SMB NetCDF, read a balance year at a time.
+class GlacierSummary:
+    """The glacier-wide numbers of one glacier's daily SMB, built as its final calendar days
+    stream in (:meth:`add`; at most about two balance years of maps are held).
 
-    Returns: ``first_date`` (datetime64[D] of ``daily[0]``), ``daily`` (T,) glacier-wide SMB
-    (m w.e. d⁻¹; each year's days over that year's mask), ``years`` (Y,) the study years,
-    ``annual``/``winter``/``summer`` (Y,) m w.e. (annual as ``core.evaluate.metrics.evaluate`` sums it:
-    inclusive window, float32; winter/summer: the record's seasons where it has them, else the
-    hemisphere's default midseason date splitting the year), ``mean_map`` (H, W) mean annual SMB
-    (NaN off the last year's glacier), ``x`` (W,), ``y`` (H,), ``crs_wkt``, ``area_km2``,
-    ``z_min``, ``z_max`` (m, glacier cells of the last year)."""
-    import netCDF4
+    :meth:`result` gives: ``first_date`` (datetime64[D] of ``daily[0]``), ``daily`` (T,)
+    glacier-wide SMB (m w.e. d⁻¹; each year's days over that year's mask), ``years`` (Y,) the
+    study years, ``annual``/``winter``/``summer`` (Y,) m w.e. (annual as
+    ``core.evaluate.metrics.evaluate`` sums it: inclusive window, float32; winter/summer: the
+    record's seasons where it has them, else the hemisphere's default midseason date splitting
+    the year), ``mean_map`` (H, W) mean annual SMB (NaN off the last year's glacier), ``x`` (W,),
+    ``y`` (H,), ``crs_wkt``, ``area_km2``, ``z_min``, ``z_max`` (m, glacier cells of the last
+    year); for a model with day terms also ``terms`` (T, 3): the glacier-wide snowfall, rainfall
+    and melt (m w.e. d⁻¹, ``glaunti.ti_model.TERMS``)."""
 
-    from dataloader.prepare.observations import balance_year_dates
+    def __init__(self, tensors, latitude: float):
+        from dataloader.prepare.observations import balance_year_dates
 
-    study = np.flatnonzero(tensors.study)
-    years = np.asarray(tensors.years)[study]
-    defaults = balance_year_dates(years, latitude)
-    with netCDF4.Dataset(smb_path) as nc:
-        nc.set_auto_mask(False)
-        time_var, smb = nc.variables["time"], nc.variables["smb"]
-        first_day, n_days = int(time_var[0]), len(time_var)
-        daily = np.full(n_days, np.nan)
-        annual, winter, summer = (np.full(len(study), np.nan, dtype=np.float32) for _ in range(3))
-        totals = np.zeros(smb.shape[1:], dtype=np.float64)
-        for j, k in enumerate(study):
-            begin, end = season_window(tensors, int(k), "annual")
-            block = np.asarray(smb[begin - first_day:end - first_day + 1], dtype=np.float32)  # (L, H, W)
+        self.tensors = tensors
+        self.study = np.flatnonzero(tensors.study)
+        self.years = np.asarray(tensors.years)[self.study]
+        self.defaults = balance_year_dates(self.years, latitude)
+        self.annual, self.winter, self.summer = (np.full(len(self.study), np.nan, np.float32) for _ in range(3))
+        self.totals = np.zeros((len(tensors.y), len(tensors.x)), np.float64)
+        self.first_day, self.n_days, self.done = None, 0, 0
+        self.held, self.held_day = [], None  # final days not yet summarised, from held_day on
+        self.daily_years: list[tuple[int, np.ndarray]] = []  # (first day, glacier-wide SMB) per year
+        self.terms: list[np.ndarray] = []
+
+    def add(self, day: int, smb: np.ndarray, terms: np.ndarray | None = None) -> None:
+        """The final daily SMB (n, H, W) of the days from ``day`` on, and their day terms."""
+        if self.first_day is None:
+            self.first_day = self.held_day = day
+        self.held.append(smb)
+        self.n_days += len(smb)
+        if terms is not None:
+            self.terms.append(terms)
+        self._summarise_finished_years()
+
+    def _summarise_finished_years(self) -> None:
+        tensors = self.tensors
+        held = None
+        while self.done < len(self.study):
+            j, k = self.done, int(self.study[self.done])
+            begin, end = season_window(tensors, k, "annual")
+            if end >= self.first_day + self.n_days:
+                break
+            if held is None:
+                held = np.concatenate(self.held) if len(self.held) > 1 else self.held[0]
+            block = held[begin - self.held_day:end - self.held_day + 1]  # (L, H, W) float32
             mask = np.asarray(tensors.outlines[k], dtype=np.float32)
             area = mask.sum()
-            daily[begin - first_day:end - first_day + 1] = np.tensordot(block, mask, axes=2) / area
-            annual[j] = (block.sum(axis=0) * mask).sum() / area
+            self.daily_years.append((begin, np.tensordot(block, mask, axes=2) / area))
+            self.annual[j] = (block.sum(axis=0) * mask).sum() / area
             if tensors.seasonal[k]:
-                (wb, we), (sb, se) = season_window(tensors, int(k), "winter"), season_window(tensors, int(k), "summer")
+                (wb, we), (sb, se) = season_window(tensors, k, "winter"), season_window(tensors, k, "summer")
             else:
-                mid = int((np.datetime64(defaults["midseason_date"].iloc[j].date(), "D") - tensors.first_date)
+                mid = int((np.datetime64(self.defaults["midseason_date"].iloc[j].date(), "D") - tensors.first_date)
                           .astype(int))
                 (wb, we), (sb, se) = (begin, mid - 1), (mid, end)  # winter + summer = annual
-            winter[j] = (block[wb - begin:we - begin + 1].sum(axis=0) * mask).sum() / area
-            summer[j] = (block[sb - begin:se - begin + 1].sum(axis=0) * mask).sum() / area
-            totals += block.sum(axis=0, dtype=np.float64)
-    last = np.asarray(tensors.outlines[-1]) >= 0.5
-    mean_map = (totals / len(study)).astype(np.float32)
-    mean_map[~last] = np.nan
-    z = np.asarray(tensors.elevation[-1])[last]
-    return {"first_date": np.datetime64(tensors.first_date + np.timedelta64(first_day, "D"), "D"),
-            "daily": daily, "years": years.astype(np.int32), "annual": annual, "winter": winter,
-            "summer": summer, "mean_map": mean_map, "x": np.asarray(tensors.x), "y": np.asarray(tensors.y),
-            "crs_wkt": np.asarray(tensors.crs_wkt), "area_km2": np.float64(last.sum() * CELL_KM2),
-            "z_min": np.float32(z.min()), "z_max": np.float32(z.max())}
+            self.winter[j] = (block[wb - begin:we - begin + 1].sum(axis=0) * mask).sum() / area
+            self.summer[j] = (block[sb - begin:se - begin + 1].sum(axis=0) * mask).sum() / area
+            self.totals += block.sum(axis=0, dtype=np.float64)
+            self.done += 1
+            # Keep the days from the next year's first on (it may share this year's last day).
+            keep = (int(season_window(tensors, int(self.study[self.done]), "annual")[0])
+                    if self.done < len(self.study) else end + 1)
+            held = held[keep - self.held_day:]
+            self.held, self.held_day = [held], keep
+
+    def result(self) -> dict[str, np.ndarray]:
+        tensors = self.tensors
+        if self.done != len(self.study):
+            raise RuntimeError(f"{tensors.name}: the daily SMB ended before balance year "
+                               f"{int(self.years[self.done])} was complete")
+        daily = np.full(self.n_days, np.nan)
+        for begin, values in self.daily_years:  # a later year's mask wins on a shared day
+            daily[begin - self.first_day:begin - self.first_day + len(values)] = values
+        last = np.asarray(tensors.outlines[-1]) >= 0.5
+        mean_map = (self.totals / len(self.study)).astype(np.float32)
+        mean_map[~last] = np.nan
+        z = np.asarray(tensors.elevation[-1])[last]
+        terms = {"terms": np.concatenate(self.terms).astype(np.float32)} if self.terms else {}
+        return {"first_date": np.datetime64(tensors.first_date + np.timedelta64(self.first_day, "D"), "D"),
+                "daily": daily, "years": self.years.astype(np.int32), "annual": self.annual,
+                "winter": self.winter, "summer": self.summer, "mean_map": mean_map,
+                "x": np.asarray(tensors.x), "y": np.asarray(tensors.y), "crs_wkt": np.asarray(tensors.crs_wkt),
+                "area_km2": np.float64(last.sum() * CELL_KM2), "z_min": np.float32(z.min()),
+                "z_max": np.float32(z.max()), **terms}
+
+
+class SummarySink:
+    """The consumer of a batch's years (``core.infer.runner.run_batches``): each glacier's days
+    placed on its calendar (``core.infer.calendar.BatchCalendar``) and summarised as they become
+    final (:class:`GlacierSummary`), and, given ``files`` (``BatchFiles``), also written as daily
+    maps. On a clean close each glacier's summary (:meth:`GlacierSummary.result`) is put in
+    ``results`` under its name."""
+
+    def __init__(self, tensors, names, latitudes, terms: bool, results: dict, files=None):
+        self.tensors, self.names, self.results, self.files = list(tensors), list(names), results, files
+        self.calendar = BatchCalendar(self.tensors, terms)
+        self.summaries = [GlacierSummary(t, lat) for t, lat in zip(self.tensors, latitudes)]
+
+    def __enter__(self) -> SummarySink:
+        if self.files is not None:
+            self.files.__enter__()
+        return self
+
+    def add(self, k: int, series: np.ndarray, terms: np.ndarray | None = None) -> None:
+        for i, day, smb, day_terms in self.calendar.add(k, series, terms):
+            self.summaries[i].add(day, smb, day_terms)
+        if self.files is not None:
+            self.files.add(k, series, terms)
+
+    def __exit__(self, kind, value, traceback):
+        if kind is None:
+            try:
+                for i, day, smb, day_terms in self.calendar.finish():
+                    self.summaries[i].add(day, smb, day_terms)
+                for name, summary in zip(self.names, self.summaries):
+                    self.results[name] = summary.result()
+            except BaseException as err:
+                if self.files is not None:
+                    self.files.__exit__(type(err), err, err.__traceback__)
+                raise
+        if self.files is not None:
+            self.files.__exit__(kind, value, traceback)
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -704,6 +792,8 @@ def write_region_netcdf(path: Path, out_dir: Path, done: list[dict], outlines: d
     year_at = {int(y): i for i, y in enumerate(years)}
     n_models, n_glaciers = len(models), len(names)
     regional_daily = np.zeros((n_models, n_days))
+    regional_terms = np.zeros((n_models, n_days, len(TERMS)))  # m w.e. d⁻¹ × km²
+    model_has_terms = np.zeros((n_models, 1), bool)
     regional_annual = np.zeros((n_models, len(years)))
     daily_area = np.zeros((n_models, n_days))
     annual_area = np.zeros((n_models, len(years)))
@@ -768,6 +858,13 @@ def write_region_netcdf(path: Path, out_dir: Path, done: list[dict], outlines: d
                       {"long_name": "glacier-wide daily surface mass balance", "units": "m d-1",
                        "comment": "metres of water equivalent per day", **coordinates}, np.float32(np.nan),
                       zlib=True, shuffle=True, complevel=4, chunksizes=(1, 1, min(n_days, 4096)))
+            term_vars = [var(name, "f4", ("model", "glacier", "time"),
+                             {"long_name": f"glacier-wide daily {name}", "units": "m d-1",
+                              "comment": f"metres of water equivalent per day; {TERM_ATTRS[name][1]}; "
+                                         "NaN for a model without a TI step (B)", **coordinates},
+                             np.float32(np.nan), zlib=True, shuffle=True, complevel=4,
+                             chunksizes=(1, 1, min(n_days, 4096)))
+                         for name in TERMS]
             seasonal = {}
             for season in ("annual", "winter", "summer"):
                 seasonal[season] = var(f"{season}_balance", "f4", ("model", "glacier", "year"),
@@ -781,8 +878,15 @@ def write_region_netcdf(path: Path, out_dir: Path, done: list[dict], outlines: d
                         offset = int((np.datetime64(z["first_date"].item(), "D") - origin).astype(int))
                         daily = z["daily"]
                         smb[m, i, offset:offset + len(daily)] = daily.astype(np.float32)
-                        columns = [year_at[int(v)] for v in z["years"]]
                         area = float(z["area_km2"])
+                        if "terms" in z:
+                            model_has_terms[m] = True
+                            terms = z["terms"]
+                            for j, term_var in enumerate(term_vars):
+                                term_var[m, i, offset:offset + len(daily)] = terms[:, j]
+                            ok = np.isfinite(terms).all(axis=1)
+                            regional_terms[m, offset:offset + len(daily)][ok] += terms[ok] * area
+                        columns = [year_at[int(v)] for v in z["years"]]
                         for season in seasonal:
                             row = np.full(len(years), np.nan, dtype=np.float32)
                             row[columns] = z[season]
@@ -816,6 +920,13 @@ def write_region_netcdf(path: Path, out_dir: Path, done: list[dict], outlines: d
             var("regional_annual_mass_change", "f8", ("model", "year"),
                 {"long_name": "regional annual glacier mass change", "units": "Gt"}, np.nan
                 )[:] = regional_annual * GT_PER_M_KM2
+            for name, long_name, j in (("melt_water_volume", "regional daily melt-water volume", 2),
+                                       ("rainfall_volume", "regional daily rainfall on the glaciers", 1)):
+                var(f"regional_{name}", "f8", ("model", "time"),
+                    {"long_name": long_name, "units": "m3 d-1",
+                     "comment": "cubic metres of water per day over the glaciers with a value "
+                                "(glacier-wide daily value times the glacier's area); NaN for model B"},
+                    np.nan)[:] = np.where(model_has_terms, regional_terms[..., j] * M3_PER_M_KM2, np.nan)
             var("regional_area", "f8", ("model", "year"),
                 {"long_name": "area of the glaciers with a value", "units": "km2"})[:] = annual_area
 

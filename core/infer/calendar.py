@@ -45,3 +45,34 @@ class Calendar:
 
     def finish(self) -> list[tuple[int, np.ndarray]]:
         return [] if self.pending is None else [(self.pending_day, self.pending)]
+
+
+class BatchCalendar:
+    """The calendars of a stacked batch's glaciers: :meth:`add` takes year k of the batch (daily
+    SMB (B, L, H, W) and, optionally, glacier-wide day terms (B, L, n)) and returns each
+    glacier's final pieces ``(i, first_day, smb (n, H_i, W_i), terms (n, n_terms) or None)``,
+    cropped to its own grid; :meth:`finish` returns the rest."""
+
+    def __init__(self, tensors, terms: bool = False):
+        self.tensors = list(tensors)
+        self._smb = [Calendar(t) for t in self.tensors]
+        self._terms = [Calendar(t) for t in self.tensors] if terms else None
+
+    def _pieces(self, i, smb_pieces, term_pieces):
+        if term_pieces is None:
+            return [(i, day, data, None) for day, data in smb_pieces]
+        return [(i, day, data, terms) for (day, data), (_, terms) in zip(smb_pieces, term_pieces)]
+
+    def add(self, k: int, series: np.ndarray, terms: np.ndarray | None = None) -> list[tuple]:
+        out = []
+        for i, t in enumerate(self.tensors):
+            if k < len(t.years):
+                smb = self._smb[i].add(k, series[i, :, : len(t.y), : len(t.x)])
+                out += self._pieces(i, smb, None if self._terms is None else self._terms[i].add(k, terms[i]))
+        return out
+
+    def finish(self) -> list[tuple]:
+        out = []
+        for i in range(len(self.tensors)):
+            out += self._pieces(i, self._smb[i].finish(), None if self._terms is None else self._terms[i].finish())
+        return out

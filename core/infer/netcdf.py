@@ -12,7 +12,7 @@ import netCDF4
 import numpy as np
 import pyproj
 
-from core.infer.calendar import Calendar
+from core.infer.calendar import BatchCalendar
 from core.io import atomic_path
 
 SMB_VARIABLE = "smb"
@@ -24,37 +24,35 @@ class BatchFiles:
     :func:`write_netcdf` writes them. A context manager: all files are committed when it closes
     without an error, none otherwise. ``spans`` then holds (first_day, number of days) per file."""
 
-    def __init__(self, tensors: Sequence, paths: Sequence, model_name: str):
+    def __init__(self, tensors: Sequence, paths: Sequence, model_name: str, terms: Sequence[str] = ()):
         if len(paths) != len(tensors):
             raise ValueError(f"{len(tensors)} glaciers need as many paths, got {len(paths)}")
         self.tensors, self.paths, self.model_name = list(tensors), list(paths), model_name
+        self.terms = tuple(terms)
         self.spans: list[tuple[int, int]] = []
 
     def __enter__(self) -> BatchFiles:
         with contextlib.ExitStack() as stack:
             self._files = [stack.enter_context(DailySMBFile(stack.enter_context(atomic_path(p)), t,
-                                                            self.model_name))
+                                                            self.model_name, self.terms))
                            for p, t in zip(self.paths, self.tensors)]
-            self._calendars = [Calendar(t) for t in self.tensors]
+            self._calendar = BatchCalendar(self.tensors, bool(self.terms))
             self._stack = stack.pop_all()
         return self
 
-    def add(self, k: int, series: np.ndarray) -> None:
-        """Year k's daily SMB of the batch (B, L, H, W), each glacier cropped to its own grid."""
-        for i, t in enumerate(self.tensors):
-            if k < len(t.years):
-                own = series[i, :, : len(t.y), : len(t.x)]
-                for day, data in self._calendars[i].add(k, own):
-                    self._files[i].add(day, data)
+    def add(self, k: int, series: np.ndarray, terms: np.ndarray | None = None) -> None:
+        """Year k's daily SMB of the batch (B, L, H, W), each glacier cropped to its own grid,
+        and (with the files' ``terms``) its glacier-wide day terms (B, L, n_terms)."""
+        for i, day, data, day_terms in self._calendar.add(k, series, terms):
+            self._files[i].add(day, data, day_terms)
 
     def __exit__(self, kind, value, traceback):
         if kind is not None:  # an error: every temporary file is removed
             self._stack.__exit__(kind, value, traceback)
             return False
         try:
-            for calendar, file in zip(self._calendars, self._files):
-                for day, data in calendar.finish():
-                    file.add(day, data)
+            for i, day, data, day_terms in self._calendar.finish():
+                self._files[i].add(day, data, day_terms)
         except BaseException as err:
             self._stack.__exit__(type(err), err, err.__traceback__)
             raise
@@ -116,15 +114,29 @@ def _grid_mapping_attrs(crs_wkt: str, x: np.ndarray, y: np.ndarray) -> dict:
     return attrs
 
 
+# The glacier-wide day terms of the TI models (``glaunti.ti_model.TERMS``) in the daily file.
+TERM_ATTRS = {
+    "snowfall": ("glacier-wide snowfall", "solid precipitation as the model accumulates it (scaled by "
+                 "prec_scale and the corrector's d1)"),
+    "rainfall": ("glacier-wide rainfall", "liquid share of the forcing precipitation (not scaled)"),
+    "melt": ("glacier-wide melt", "snow and ice melt; smb = snowfall - melt"),
+}
+
+
 class DailySMBFile:
     """A CF-compliant daily SMB NetCDF file being written: :meth:`add` takes pieces of
     consecutive days and writes them in blocks of whole file chunks (:func:`chunk_shape`), so
     that each chunk is compressed once; at most one block plus one piece is held. A context
-    manager: the file is complete when it closes (give it a temporary path, ``atomic_path``)."""
+    manager: the file is complete when it closes (give it a temporary path, ``atomic_path``).
 
-    def __init__(self, path, tensors, model_name: str):
+    ``terms`` (names of :data:`TERM_ATTRS`) adds one glacier-wide daily series per term
+    (``time``; the outline-weighted mean over each balance year's outlines), fed by
+    the same :meth:`add` calls as the SMB."""
+
+    def __init__(self, path, tensors, model_name: str, terms: Sequence[str] = ()):
         self.first_day, self.n_days = None, 0
         self._buffer, self._held = [], 0
+        self._terms = {}
         self._layout = chunk_shape(len(tensors.y), len(tensors.x))
         self._nc = nc = netCDF4.Dataset(path, "w", format="NETCDF4")
         try:
@@ -148,17 +160,32 @@ class DailySMBFile:
             self._smb = nc.createVariable(SMB_VARIABLE, "f4", ("time", "y", "x"), zlib=True, shuffle=True,
                                           complevel=4, fill_value=np.float32(np.nan), chunksizes=self._layout)
             self._smb.setncatts(_smb_attrs())
+            for name in terms:
+                long_name, comment = TERM_ATTRS[name]
+                var = nc.createVariable(name, "f4", ("time",), fill_value=np.float32(np.nan),
+                                        chunksizes=(self._layout[0],))
+                var.setncatts({"long_name": long_name, "units": "m w.e. d-1", "comment": comment,
+                               "cell_methods": "area: mean where glacier"})
+                self._terms[name] = var
         except BaseException:
             nc.close()
             raise
 
-    def add(self, day: int, data: np.ndarray) -> None:
-        """Append ``data`` (n, H, W) for the days from ``day`` on (consecutive with the last)."""
+    def add(self, day: int, data: np.ndarray, terms: np.ndarray | None = None) -> None:
+        """Append ``data`` (n, H, W) for the days from ``day`` on (consecutive with the last),
+        and the file's glacier-wide ``terms`` (n, n_terms) of the same days (written at once:
+        they are small)."""
         if self.first_day is None:
             self.first_day = day
         elif day != self.first_day + self.n_days + self._held:
             raise ValueError(f"daily SMB piece starts at day {day}, expected "
                              f"{self.first_day + self.n_days + self._held} (pieces must be consecutive)")
+        if (terms is None) != (not self._terms):
+            raise ValueError(f"this file's day terms are {list(self._terms) or 'none'}; got "
+                             f"{'none' if terms is None else terms.shape[-1]}")
+        at = self.n_days + self._held
+        for j, var in enumerate(self._terms.values()):
+            var[at: at + len(data)] = terms[:, j]
         self._buffer.append(data)
         self._held += len(data)
         days = self._layout[0]
