@@ -1,12 +1,12 @@
 """Benchmark of run_region.py on the bundled Oetztal region (20 outlines, ERA5-Land monthly,
 balance years 1990–2018, published D by default).
 
-    python benchmarks/region.py [--models d] [--workers 0 1 2] [--json region_bench.json]
+    python benchmarks/region.py [--models d] [--cold_workers 2] [--workers 0 1 2] [--json region_bench.json]
 
 Each configuration runs in a fresh subprocess into a fresh OUT_DIR (so preparation, compile
-times and peak memory are its own): first with this process's configuration 0 workers and an
-empty persistent compilation cache ("cold"), then every ``--workers`` value with the cache that
-run filled ("warm"). Reported per run: glaciers done, glacier-years and cell-days of the study
+times and peak memory are its own): first with ``--cold_workers`` workers (0: this process) and
+an empty persistent compilation cache ("cold"), then every ``--workers`` value with the cache
+that run filled ("warm"). Reported per run: glaciers done, glacier-years and cell-days of the study
 period (grid cells × days, every model), wall seconds of selecting, preparing, inferring and
 assembling, glacier-years per second of the whole run, and the peak resident memory of the
 main process and of its largest worker (``ru_maxrss``). Compiling is not timed apart: the cold
@@ -48,6 +48,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="d", help="Published models (default d)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
                    help="Worker counts of the warm runs (0: in this process)")
+    p.add_argument("--cold_workers", type=int, default=0,
+                   help="Dask workers of the cold run (default 0: in one process; make demo uses 2)")
     p.add_argument("--json", type=Path, help="Write the results here")
     p.add_argument("--one", nargs=3, metavar=("OUT_DIR", "MODELS", "WORKERS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -57,7 +59,7 @@ def main(argv=None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="glaunti-region-bench-") as tmp:
         env = dict(os.environ, GLAUNTI_COMPILATION_CACHE=str(Path(tmp) / "jax_cache"))
-        for label, workers in [("cold", 0)] + [("warm", w) for w in args.workers]:
+        for label, workers in [("cold", args.cold_workers)] + [("warm", w) for w in args.workers]:
             out = Path(tmp) / f"{label}-{workers}"
             proc = subprocess.run([sys.executable, __file__, "--one", str(out), args.models, str(workers)],
                                   cwd=REPO, env=env, capture_output=True, text=True)
