@@ -193,18 +193,6 @@ def test_scripts_have_help():
         assert "--data_folder" in out.stdout or script == "summarise.py"
 
 
-def test_background_run_reports_its_output_and_its_failure(tmp_path):
-    """The demo's real region runs in a spawned background process: its output comes back, and
-    its failure is raised in the demo with the end of its log, never swallowed."""
-    from core.apps.demo import Background
-
-    with Background(tmp_path / "ok.log", print, "hello from the background") as run:
-        assert run.finish() == "hello from the background\n"
-    with Background(tmp_path / "failing.log", int, "not a number") as run:
-        with pytest.raises(RuntimeError, match="invalid literal for int"):
-            run.finish()
-
-
 def test_demo_runs_end_to_end_on_a_tiny_twin(tiny_twin, tmp_path, capsys):
     """`make demo`'s job, scaled down (model A, one epoch, no real glacier): every test glacier
     gets its daily SMB file and evaluation (batched inference), and the summary is written."""

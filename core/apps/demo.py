@@ -1,7 +1,5 @@
 """The README's main job: synthetic twin → train A, B, C, D → evaluate every test glacier →
-summary table and figure; and the real Oetztal region (published D against WGMS), which runs in
-a background process while the twin's C and D train: their XLA compiles keep one core busy and
-leave the other to the region.
+summary table and figure.
 
     python -m core.apps.demo [--data_folder data/demo] [--out_dir outputs/demo] [--preset demo]
 """
@@ -9,11 +7,8 @@ leave the other to the region.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import multiprocessing
 import sys
 import time
-import traceback
 from pathlib import Path
 
 from core.apps.cli import main_wrapper
@@ -83,46 +78,6 @@ def plot_predicted_vs_observed(eval_folders: dict[str, Path], path: Path) -> Non
     tmp.replace(path)
 
 
-def _run_logged(log_path: str, target, args: tuple) -> None:
-    """``target(*args)`` with stdout and stderr in ``log_path`` (a background process)."""
-    with open(log_path, "w", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        try:
-            target(*args)
-        except BaseException:
-            traceback.print_exc()  # into the log, which the parent shows; then the exit code says it
-            raise
-
-
-class Background:
-    """``target(*args)`` in a spawned process (JAX is multithreaded: never forked) whose output
-    goes to ``log_path``; :meth:`finish` waits for it, returns its output and raises, with the
-    log's end, if it failed. A context manager: leaving it early stops the process."""
-
-    def __init__(self, log_path: Path, target, *args):
-        self.log_path = Path(log_path)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        # Not a daemon: the region starts its own Dask worker processes.
-        self.process = multiprocessing.get_context("spawn").Process(
-            target=_run_logged, args=(str(self.log_path), target, args), name="glaunti-background")
-        self.process.start()
-
-    def finish(self) -> str:
-        self.process.join()
-        output = self.log_path.read_text() if self.log_path.exists() else ""
-        if self.process.exitcode != 0:
-            raise RuntimeError(f"the background run failed (exit code {self.process.exitcode}); "
-                               f"{self.log_path} ends with:\n{output[-3000:]}")
-        return output
-
-    def __enter__(self) -> Background:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join()
-
-
 @main_wrapper
 def main(argv=None):
     args = parser().parse_args(argv)
@@ -137,52 +92,25 @@ def main(argv=None):
     print(f"{len(dataset.names)} glaciers: {len(dataset.train_names)} training, "
           f"{len(dataset.val_names)} validation, {len(dataset.test_names)} test", flush=True)
 
-    with contextlib.ExitStack() as stack:
-        region = None
+    eval_folders = {}
+    for model in args.models:
+        if model not in MODELS:
+            raise ValueError(f"unknown model {model!r} in --models")
+        epochs = max(1, round(EPOCHS[model] * args.epochs_scale))
+        t0 = time.perf_counter()
+        params = out / "params" / f"{model}.eqx"
+        init = out / "params" / f"{STARTS_FROM[model]}.eqx" if model in STARTS_FROM else None
+        _, state = calibrate(model, data_folder=data, epochs=epochs, params_path=params,
+                             log_path=out / "logs" / f"{model}.csv", seed=args.seed,
+                             init_params_path=init, show_progress=not args.quiet)
+        print(f"model {model.upper()}: {epochs} epochs in {time.perf_counter() - t0:.1f} s, "
+              f"best validation loss {state.best_val:.4f} at epoch {state.best_epoch}", flush=True)
+        eval_folders[model] = out / "eval" / model
+        tests = dataset.test_names
+        infer_and_evaluate_many(model, tests, [out / "smb" / model / f"{g}.nc" for g in tests],
+                                [eval_folders[model] / f"{g}.json" for g in tests], params_path=params,
+                                data_folder=data)
 
-        def start_region():
-            from core.apps.region import run_oetztal
-
-            print(f"the real region (examples/oetztal) runs in the background: log {out / 'oetztal.log'}",
-                  flush=True)
-            return stack.enter_context(Background(out / "oetztal.log", run_oetztal, str(out / "oetztal")))
-
-        eval_folders = {}
-        for model in args.models:
-            if model not in MODELS:
-                raise ValueError(f"unknown model {model!r} in --models")
-            if not args.no_real and region is None and model in "cd":
-                region = start_region()
-            epochs = max(1, round(EPOCHS[model] * args.epochs_scale))
-            t0 = time.perf_counter()
-            params = out / "params" / f"{model}.eqx"
-            init = out / "params" / f"{STARTS_FROM[model]}.eqx" if model in STARTS_FROM else None
-            _, state = calibrate(model, data_folder=data, epochs=epochs, params_path=params,
-                                 log_path=out / "logs" / f"{model}.csv", seed=args.seed,
-                                 init_params_path=init, show_progress=not args.quiet)
-            print(f"model {model.upper()}: {epochs} epochs in {time.perf_counter() - t0:.1f} s, "
-                  f"best validation loss {state.best_val:.4f} at epoch {state.best_epoch}", flush=True)
-            eval_folders[model] = out / "eval" / model
-            tests = dataset.test_names
-            infer_and_evaluate_many(model, tests, [out / "smb" / model / f"{g}.nc" for g in tests],
-                                    [eval_folders[model] / f"{g}.json" for g in tests], params_path=params,
-                                    data_folder=data)
-        if not args.no_real and region is None:
-            region = start_region()
-        report_twin(args, dataset, eval_folders, out)
-        if region is not None:
-            t0 = time.perf_counter()
-            print("\nA real region from public sources (examples/oetztal: every RGI outline, published D, "
-                  "against WGMS):", flush=True)
-            output = region.finish()
-            print(output[output.find("WGMS glacier"):] if "WGMS glacier" in output else output, end="")
-            print(f"(waited {time.perf_counter() - t0:.0f} s for it after the twin)", flush=True)
-    print(f"\nall outputs in {out}/  ({time.perf_counter() - t_start:.0f} s in all)")
-    return 0
-
-
-def report_twin(args, dataset, eval_folders: dict, out: Path) -> None:
-    """The twin's summary table, JSON and figure."""
     summary = summarise([eval_folders[m] for m in eval_folders])
     summary = {f"{m.upper()} ({DESCRIPTIONS[m]})": v for m, v in zip(eval_folders, summary.values())}
     table = format_table(summary)
@@ -198,6 +126,14 @@ def report_twin(args, dataset, eval_folders: dict, out: Path) -> None:
               f"{max(1, round(EPOCHS['b'] * args.epochs_scale))} of its {EPOCHS['b']} published epochs: "
               "its numbers here say nothing about the model (--epochs_scale 1 runs the published schedule).")
     print(f"\nfigure: {figure}", flush=True)
+    if not args.no_real:
+        from core.apps.region import run_oetztal
+
+        print("\nA real region from public sources (examples/oetztal: every RGI outline, published D, "
+              "against WGMS):", flush=True)
+        run_oetztal(out / "oetztal", verbose=not args.quiet)
+    print(f"\nall outputs in {out}/  ({time.perf_counter() - t_start:.0f} s in all)")
+    return 0
 
 
 if __name__ == "__main__":
