@@ -97,6 +97,11 @@ def non_negative_int(text: str) -> int:
     return _argument(text, int, lambda v: v >= 0, "an integer ≥ 0")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (a demo's epochs)."""
+    return _argument(text, int, lambda v: v >= 1, "an integer ≥ 1")
+
+
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0 (a learning rate)."""
     return _argument(text, float, lambda v: 0 < v < float("inf"), "a finite positive number")
