@@ -256,3 +256,51 @@ def test_help_and_conflicting_options(outlines, tmp_path, capsys):
     assert run_region.main(region_argv(tmp_path / "out", outlines, "--models", "dx")) == 2
     assert "--models" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_glacier_summary_streams_whatever_the_pieces():
+    """A glacier's summary is the same whichever pieces its days arrive in: years sharing a
+    boundary day, a gap of days no year models (zeros on the calendar), pieces that end at a year's
+    end, inside the gap or anywhere;
+    against the sums over the whole series at once."""
+    from types import SimpleNamespace
+
+    from core.apps.region import GlacierSummary
+
+    rng = np.random.default_rng(3)
+    begin, end = np.array([0, 364, 735]), np.array([364, 728, 1099])  # a shared day, then a 6-day gap
+    n_days, shape = 1100, (3, 4)
+    outlines = (rng.random((3, *shape)) > 0.4).astype(np.float32)
+    outlines[:, 0, 0] = 1
+    tensors = SimpleNamespace(
+        name="fake", study=np.ones(3, bool), years=np.array([2001, 2002, 2003]), begin_day=begin, end_day=end,
+        mid_day=(begin + end) // 2, seasonal=np.zeros(3, bool), outlines=outlines,
+        elevation=rng.uniform(2500, 3500, (3, *shape)).astype(np.float32), first_date=np.datetime64("2000-10-01"),
+        x=np.arange(4) * 100.0, y=np.arange(3)[::-1] * 100.0, crs_wkt="")
+    smb = rng.normal(0, 0.01, (n_days, *shape)).astype(np.float32)
+    smb[729:735] = 0
+    terms = rng.random((n_days, 3)).astype(np.float32)
+
+    # Pieces end where years end, inside the gap and at random.
+    cuts = sorted({1, 364, 365, 729, 731, 735, 1099, *rng.integers(1, n_days, 12).tolist(), n_days})
+    summary = GlacierSummary(tensors, 46.8)
+    for d0, d1 in zip([0, *cuts[:-1]], cuts):
+        summary.add(d0, smb[d0:d1], terms[d0:d1])
+    got = summary.result()
+
+    daily = np.full(n_days, np.nan)
+    totals = np.zeros(shape)
+    for k in range(3):
+        block, mask = smb[begin[k]:end[k] + 1], outlines[k]
+        area = mask.sum()
+        daily[begin[k]:end[k] + 1] = np.tensordot(block, mask, axes=2) / area
+        np.testing.assert_allclose(got["annual"][k], (block.sum(axis=0) * mask).sum() / area, rtol=1e-6)
+        totals += block.sum(axis=0, dtype=np.float64)
+    np.testing.assert_allclose(got["winter"] + got["summer"], got["annual"], atol=1e-6)
+    np.testing.assert_allclose(got["daily"], daily, rtol=1e-6)
+    assert np.isnan(got["daily"][729:735]).all() and not np.isnan(got["daily"][735:]).any()
+    last = outlines[-1] >= 0.5
+    np.testing.assert_allclose(got["mean_map"][last], (totals / 3)[last], rtol=1e-6)
+    assert np.isnan(got["mean_map"][~last]).all()
+    np.testing.assert_array_equal(got["terms"], terms)
+    assert got["first_date"] == np.datetime64("2000-10-01")

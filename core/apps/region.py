@@ -568,9 +568,11 @@ class GlacierSummary:
             self.summer[j] = (block[sb - begin:se - begin + 1].sum(axis=0) * mask).sum() / area
             self.totals += block.sum(axis=0, dtype=np.float64)
             self.done += 1
-            # Keep the days from the next year's first on (it may share this year's last day).
+            # Keep the days from the next year's first on (it may share this year's last day);
+            # days not modelled between two years (zeros on the calendar) are still to come.
             keep = (int(season_window(tensors, int(self.study[self.done]), "annual")[0])
                     if self.done < len(self.study) else end + 1)
+            keep = min(keep, self.first_day + self.n_days)
             held = held[keep - self.held_day:]
             self.held, self.held_day = [held], keep
 
