@@ -261,8 +261,7 @@ def test_help_and_conflicting_options(outlines, tmp_path, capsys):
 def test_glacier_summary_streams_whatever_the_pieces():
     """A glacier's summary is the same whichever pieces its days arrive in: years sharing a
     boundary day, a gap of days no year models (zeros on the calendar), pieces that end at a year's
-    end, inside the gap or anywhere;
-    against the sums over the whole series at once."""
+    end, inside the gap or anywhere; against the sums over the whole series at once."""
     from types import SimpleNamespace
 
     from core.apps.region import GlacierSummary
