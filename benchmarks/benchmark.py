@@ -8,6 +8,9 @@ For each model, in a fresh subprocess (so that compile times and peak memory are
   over a steady epoch (tracing + compiling + first transfers);
 - epoch: steady-state time of one forward+gradient pass over all training glaciers (median of
   ``--epochs`` epochs after the first), wall clock and this process's CPU time;
+- training epoch: an epoch as training runs it, with its step, validation and saving (the slope
+  of the training loop's wall time over ``--epochs`` more epochs), beside the median
+  ``epoch_time_s`` its log records (they should agree; docs/performance.md);
 - cell-days per second: modelled days × grid cells of the training glaciers per steady epoch
   (the work the published implementation does), and the cell-days the engine actually stepped
   (its training layout drops off-glacier cells for A/B and adds bucket padding);
@@ -206,6 +209,8 @@ def worker(args) -> dict:
         "cell_days_per_cpu_s": grid_cell_days / steady_cpu,
     }
 
+    result.update(training_epoch(model, glaciers, validation, args.epochs))
+
     if not args.no_inference:
         infer_name = (dataset.test_names or names)[0]
         tensors = dataset.glacier(infer_name)
@@ -290,7 +295,8 @@ def _machine() -> dict:
 
 COLUMNS = [("model", "{}"), ("glaciers", "{}"), ("compiled_shapes", "{}"), ("compiled_programs", "{}"),
            ("sequential_day_steps", "{}"), ("glacier_day_steps", "{}"), ("compile_s", "{:.1f}"),
-           ("epoch_s", "{:.2f}"), ("epoch_cpu_s", "{:.2f}"), ("cell_days_per_s", "{:.3g}"),
+           ("epoch_s", "{:.2f}"), ("epoch_cpu_s", "{:.2f}"), ("training_epoch_s", "{:.2f}"),
+           ("log_epoch_s", "{:.2f}"), ("cell_days_per_s", "{:.3g}"),
            ("computed_cell_days_per_s", "{:.3g}"), ("inference_s_per_glacier_year", "{:.3f}"),
            ("peak_host_rss_mb", "{:.0f}"), ("peak_device_mb", "{}"), ("epoch_over_floor", "{:.0f}")]
 
@@ -301,6 +307,33 @@ def table(results: list[dict]) -> str:
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def training_epoch(model, glaciers, validation, epochs: int) -> dict:
+    """A training epoch as ``core.train.loop.train`` runs it (gradient, step, validation with
+    its overlap, saving): the slope of the loop's wall time between runs of 2 and 2 + ``epochs``
+    epochs (compiled functions warm), so it does not rest on the log's bookkeeping; and, beside
+    it, the median ``epoch_time_s`` the log of the longer run records for epochs 2..N."""
+    import tempfile
+
+    import pandas as pd
+
+    from core.train.loop import TrainConfig, train
+
+    def run(n: int) -> tuple[float, pd.Series]:
+        with tempfile.TemporaryDirectory(prefix="glaunti-bench-") as tmp:
+            config = TrainConfig(epochs=n, params_path=Path(tmp) / "p.eqx", log_path=Path(tmp) / "log.csv",
+                                 show_progress=False)
+            t0 = time.perf_counter()
+            train(model, glaciers, validation, config)
+            wall = time.perf_counter() - t0
+            return wall, pd.read_csv(config.log_path).groupby("epoch")["epoch_time_s"].first()
+
+    run(1)  # compiles the validation
+    short, _ = run(2)
+    long, log = run(2 + epochs)
+    return {"training_epoch_s": (long - short) / epochs,
+            "log_epoch_s": float(log[log.index >= 2].median())}
 
 
 def main(argv=None) -> int:
