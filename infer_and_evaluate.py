@@ -1,4 +1,5 @@
-"""Run a calibrated model on one glacier: daily SMB (.nc) and its evaluation (.json)."""
+"""Run a calibrated model on one glacier: daily SMB (.nc; for A, C and D also the glacier-wide
+daily snowfall, rainfall and melt) and its evaluation (.json)."""
 
 import argparse
 import sys
