@@ -62,7 +62,12 @@ def region_argv(out_dir: Path, outlines: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def region(tmp_path_factory, outlines) -> Path:
     out = tmp_path_factory.mktemp("region") / "out"
+    def ours():  # what steers this code (netCDF4's import sets HDF5_PLUGIN_PATH on its own)
+        return {k: v for k, v in os.environ.items() if k.startswith(("GLAUNTI_", "JAX_", "XLA_"))}
+
+    before = ours()
     assert run_region.main(region_argv(out, outlines)) == 0
+    assert ours() == before, "the region's tasks, run in this process, changed its environment"
     return out
 
 

@@ -22,6 +22,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from core.execute.distributed import temporary_environ
 from core.io import atomic_write_text
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -97,20 +98,13 @@ def import_oggm(work_dir: str | os.PathLike, verbose: bool = True):
         # matplotlib resolves its own config and cache folders from HOME: settle them first.
         import matplotlib.font_manager  # noqa: F401
 
-        saved = os.environ.get("HOME")
-        os.environ["HOME"] = str(home)
-        try:
+        with temporary_environ({"HOME": str(home)}):
             import oggm  # noqa: F401
             import oggm.core.flowline  # noqa: F401
             import oggm.core.massbalance  # noqa: F401
             import oggm.tasks  # noqa: F401
             import oggm.workflow  # noqa: F401
             import salem  # noqa: F401
-        finally:
-            if saved is None:
-                del os.environ["HOME"]
-            else:
-                os.environ["HOME"] = saved
     from oggm import cfg
 
     cfg.CACHE_DIR = str(home / ".oggm")

@@ -46,6 +46,7 @@ import constants
 from core.apps.cli import one_line
 from core.apps.own_glacier import finish_annual_series
 from core.evaluate.metrics import metrics, season_window
+from core.execute.distributed import temporary_environ
 from core.infer.calendar import BatchCalendar
 from core.infer.netcdf import TERM_ATTRS
 from core.io import atomic_path, atomic_write_json, atomic_write_text
@@ -440,19 +441,21 @@ def infer_task(out_dir: str, model: str, params: str, names: list[str], keys: di
     each glacier's daily SMB, as it streams out of the model, to its summary file
     (:class:`GlacierSummary`); the daily maps are written only with ``maps``. Returns
     ``{"id", "mean_annual"}`` per glacier."""
-    import jax
+    # Each task is one independent process's work: never a jax.distributed group, even inside
+    # a SLURM job whose variables would start one (core.distributed.setup). A Dask worker is one
+    # thread: Dask spreads the classes over workers, not XLA over cores.
+    settings = {"GLAUNTI_DISTRIBUTED": "0"}
+    if _on_dask_worker() and not os.environ.get("GLAUNTI_CPU_DEVICES"):
+        settings["GLAUNTI_CPU_DEVICES"] = "1"
+    with temporary_environ(settings):
+        return _infer_task(Path(out_dir), model, params, names, keys, latitudes, maps)
 
+
+def _infer_task(out_dir: Path, model: str, params: str, names: list[str], keys: dict[str, str],
+                latitudes: dict[str, float], maps: bool) -> list[dict]:
     from core.infer.netcdf import BatchFiles
     from core.workflows import infer_many
 
-    jax.config.update("jax_default_matmul_precision", "float32")  # as core.apps.cli.main_wrapper does
-    # Each task is one independent process's work: never a jax.distributed group, even inside
-    # a SLURM job whose variables would start one (core.distributed.setup).
-    os.environ["GLAUNTI_DISTRIBUTED"] = "0"
-    if _on_dask_worker():
-        # A Dask worker is one thread; Dask spreads the classes over workers, not XLA over cores.
-        os.environ.setdefault("GLAUNTI_CPU_DEVICES", "1")
-    out_dir = Path(out_dir)
     if not all(_summary_fresh(_summary_path(out_dir, model, n), keys[n]) for n in names):
         # A class is rerun whole, so that a glacier's numbers never depend on which of its
         # class's glaciers a killed run had finished.

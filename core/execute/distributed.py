@@ -28,9 +28,11 @@ On CPU the cross-process gather uses gloo collectives (``jax_cpu_collectives_imp
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import jax
 import numpy as np
@@ -236,3 +238,20 @@ def sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+@contextlib.contextmanager
+def temporary_environ(settings: dict[str, str]) -> Iterator[None]:
+    """``settings`` in ``os.environ`` for the block and the previous values back afterwards, so
+    that work run in the calling process (a region's task, OGGM's import) leaves the
+    environment as it found it."""
+    before = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
