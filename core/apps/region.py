@@ -925,8 +925,9 @@ def write_region_netcdf(path: Path, out_dir: Path, done: list[dict], outlines: d
             var("regional_annual_mass_change", "f8", ("model", "year"),
                 {"long_name": "regional annual glacier mass change", "units": "Gt"}, np.nan
                 )[:] = regional_annual * GT_PER_M_KM2
-            for name, long_name, j in (("melt_water_volume", "regional daily melt-water volume", 2),
-                                       ("rainfall_volume", "regional daily rainfall on the glaciers", 1)):
+            for name, long_name, term in (("melt_water_volume", "regional daily melt-water volume", "melt"),
+                                          ("rainfall_volume", "regional daily rainfall on the glaciers", "rainfall")):
+                j = TERMS.index(term)
                 var(f"regional_{name}", "f8", ("model", "time"),
                     {"long_name": long_name, "units": "m3 d-1",
                      "comment": "cubic metres of water per day over the glaciers with a value "
